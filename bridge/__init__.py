@@ -1,0 +1,1 @@
+"""The REST/JSON bridge (a later issue)."""

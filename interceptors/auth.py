@@ -1,0 +1,223 @@
+"""End-user auth and access policy, enforced from each method's ``CallPolicy`` option.
+
+The server link verifies the JWT in ``authorization: Bearer …`` locally against the auth
+service's JWKS (pinned ES256, ``iss``, ``aud``, expiry, a known ``kid``), then checks the
+method's policy: public, any user, owner (or admin), a role, or internal. Handlers read the
+caller from ``learnmesh.principal``; none checks its caller by hand.
+
+Until mTLS identities arrive, ``internal`` methods refuse any call carrying an end-user
+token (the mesh listens on loopback unless configured otherwise).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import jwt
+from grpc import aio
+
+from interceptors.chain import Behavior, ServerLink, guard
+from interceptors.method import MethodInfo
+from learnmesh import principal
+from learnmesh.common.v1 import access_pb2
+from learnmesh.errors import PermissionDenied, Unauthenticated, Unavailable
+from learnmesh.principal import Principal
+
+log = logging.getLogger("learnmesh.auth")
+
+ALGORITHM = "ES256"
+REQUIRED_CLAIMS = ("iss", "aud", "sub", "exp", "iat", "jti")
+LEEWAY = 5  # seconds of clock skew tolerated on exp/iat
+
+JwksFetch = Callable[[], Awaitable[Sequence[Mapping[str, Any]]]]
+# (method, request, caller) -> the owner's user id, for resources that are not users.
+OwnerResolver = Callable[[Any], Awaitable[str | None]]
+
+
+class JwksCache:
+    """The auth service's public keys, fetched lazily and refetched on an unknown ``kid``.
+
+    Refetches are rate-limited (``min_refetch`` seconds apart) so forged tokens with random
+    ``kid`` values cannot turn into a flood of JWKS calls; a rotation is picked up without a
+    restart. Keys are also refreshed every ``max_age`` seconds so a removed key stops
+    verifying.
+    """
+
+    def __init__(self, fetch: JwksFetch, *, min_refetch: float = 10.0, max_age: float = 300.0):
+        self._fetch = fetch
+        self._keys: dict[str, Any] = {}
+        self._fetched_at = float("-inf")
+        self._min_refetch = min_refetch
+        self._max_age = max_age
+        self._lock = asyncio.Lock()
+
+    async def key(self, kid: str) -> Any | None:
+        now = time.monotonic()
+        stale = now - self._fetched_at > self._max_age
+        if (kid not in self._keys or stale) and now - self._fetched_at >= self._min_refetch:
+            await self._refresh()
+        return self._keys.get(kid)
+
+    async def _refresh(self) -> None:
+        async with self._lock:
+            if time.monotonic() - self._fetched_at < self._min_refetch:
+                return  # another task refreshed while we waited
+            try:
+                jwks = await self._fetch()
+            except Exception as exc:
+                log.warning("could not fetch the JWKS: %s", exc)
+                if not self._keys:
+                    raise Unavailable(
+                        "cannot verify tokens: the auth service is unreachable"
+                    ) from None
+                return
+            keys: dict[str, Any] = {}
+            for jwk in jwks:
+                if jwk.get("alg") == ALGORITHM and jwk.get("kid"):
+                    keys[jwk["kid"]] = jwt.PyJWK(dict(jwk), ALGORITHM).key
+            self._keys = keys
+            self._fetched_at = time.monotonic()
+
+
+class TokenVerifier:
+    """Verifies access tokens; remembers recent good ones until they expire.
+
+    An ES256 verification costs about as much as a whole trivial gRPC call, so a token that
+    verified once is not verified again while cached (the cache key is the whole token,
+    and expiry is still checked on every call).
+    """
+
+    def __init__(self, keys: JwksCache, *, issuer: str, audience: str, cache_size: int = 4096):
+        self.keys = keys
+        self.issuer = issuer
+        self.audience = audience
+        self._cache: OrderedDict[str, Principal] = OrderedDict()
+        self._cache_size = cache_size
+
+    async def verify(self, token: str) -> Principal:
+        cached = self._cache.get(token)
+        if cached is not None:
+            if cached.expires_at + LEEWAY > time.time():
+                self._cache.move_to_end(token)
+                return cached
+            del self._cache[token]
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise Unauthenticated("the access token is malformed") from None
+        if header.get("alg") != ALGORITHM:
+            raise Unauthenticated(f"the access token must be signed with {ALGORITHM}")
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise Unauthenticated("the access token has no key id (kid)")
+        key = await self.keys.key(kid)
+        if key is None:
+            raise Unauthenticated("the access token was signed with an unknown key")
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[ALGORITHM],
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=LEEWAY,
+                options={"require": list(REQUIRED_CLAIMS)},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("the access token has expired", reason="TOKEN_EXPIRED") from None
+        except jwt.PyJWTError as exc:
+            raise Unauthenticated(f"the access token is not valid: {exc}") from None
+        roles = claims.get("roles", [])
+        if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+            raise Unauthenticated("the access token's roles claim is malformed")
+        found = Principal(
+            user_id=str(claims["sub"]),
+            roles=frozenset(roles),
+            tier=str(claims.get("tier", "free")),
+            session_id=str(claims.get("sid", "")),
+            token_id=str(claims["jti"]),
+            expires_at=float(claims["exp"]),
+        )
+        self._cache[token] = found
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return found
+
+
+def bearer_token(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
+    """The token of an ``authorization: Bearer …`` header, if any."""
+    for key, value in metadata or ():
+        if key == "authorization":
+            scheme, _, token = str(value).partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise Unauthenticated("authorization metadata must be 'Bearer <access token>'")
+            return token.strip()
+    return None
+
+
+class AccessPolicy(ServerLink):
+    """Enforces the method's ``learnmesh.common.v1.policy`` option."""
+
+    def __init__(
+        self,
+        verifier: TokenVerifier,
+        owner_resolvers: Mapping[str, OwnerResolver] | None = None,
+    ) -> None:
+        self.verifier = verifier
+        self.owner_resolvers = dict(owner_resolvers or {})
+
+    def wrap(self, method: MethodInfo, behavior: Behavior) -> Behavior:
+        policy = method.policy
+        access = policy.access
+        resolver = self.owner_resolvers.get(method.full_method)
+        verifier = self.verifier
+
+        async def check(request: Any, context: aio.ServicerContext) -> None:
+            token = bearer_token(context.invocation_metadata())
+            if access == access_pb2.ACCESS_INTERNAL:
+                if token is not None:
+                    raise PermissionDenied(f"{method.name} is for mesh services, not end users")
+                return
+            if access == access_pb2.ACCESS_PUBLIC:
+                if token is not None:
+                    # A signed-in caller of a public method is still known, when the token is good.
+                    try:
+                        principal.set_principal(await verifier.verify(token))
+                    except Unauthenticated:
+                        principal.set_principal(None)
+                return
+            if access == access_pb2.ACCESS_UNSPECIFIED:
+                raise PermissionDenied(f"{method.name} declares no access policy")
+            if token is None:
+                raise Unauthenticated(f"{method.name} needs an access token")
+            caller = await verifier.verify(token)
+            principal.set_principal(caller)
+            if access == access_pb2.ACCESS_ROLE:
+                if not caller.roles.intersection(policy.roles):
+                    raise PermissionDenied(
+                        f"{method.name} needs the role {' or '.join(policy.roles)}"
+                    )
+            elif access == access_pb2.ACCESS_OWNER and not caller.is_admin:
+                owner = await self._owner(method, resolver, request)
+                if owner != caller.user_id:
+                    raise PermissionDenied(
+                        f"{method.name} is allowed only to the owner or an admin"
+                    )
+
+        return guard(method, behavior, check)
+
+    @staticmethod
+    async def _owner(
+        method: MethodInfo, resolver: OwnerResolver | None, request: Any
+    ) -> str | None:
+        if resolver is not None:
+            return await resolver(request)
+        field = method.policy.owner_field
+        if request is None or not field:
+            return None
+        return str(getattr(request, field, "") or "") or None

@@ -1,0 +1,51 @@
+"""Request id: ``x-request-id`` taken from the caller (or made), echoed in trailing metadata,
+and recorded with the caller's address for logs and the audit trail."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+from grpc import aio
+
+from interceptors.chain import Behavior, ServerLink, guard
+from interceptors.method import MethodInfo
+from learnmesh.principal import CallInfo, set_call_info
+
+HEADER = "x-request-id"
+_ACCEPTABLE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def peer_address(peer: str | None) -> str:
+    """``ipv4:127.0.0.1:5000`` → ``127.0.0.1``; ``ipv6:[::1]:5000`` → ``::1``."""
+    if not peer:
+        return ""
+    _, _, rest = peer.partition(":")
+    if rest.startswith("["):
+        return rest[1 : rest.find("]")]
+    return rest.rsplit(":", 1)[0] if ":" in rest else rest
+
+
+def call_info_of(context: aio.ServicerContext) -> CallInfo:
+    request_id = user_agent = ""
+    for key, value in context.invocation_metadata() or ():
+        if key == HEADER and isinstance(value, str) and _ACCEPTABLE.fullmatch(value):
+            request_id = value
+        elif key == "user-agent":
+            user_agent = str(value)[:256]
+    return CallInfo(
+        client_address=peer_address(context.peer()),
+        user_agent=user_agent,
+        request_id=request_id or uuid.uuid4().hex,
+    )
+
+
+class RequestId(ServerLink):
+    def wrap(self, method: MethodInfo, behavior: Behavior) -> Behavior:
+        async def check(_request: Any, context: aio.ServicerContext) -> None:
+            info = call_info_of(context)
+            set_call_info(info)
+            context.set_trailing_metadata(((HEADER, info.request_id),))
+
+        return guard(method, behavior, check)

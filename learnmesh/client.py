@@ -1,0 +1,99 @@
+"""The client factory: a typed stub for a service by name, over a shared channel.
+
+Services reach each other only through it, over the network, even inside ``learnmesh up``.
+Channels are made lazily (inside the running event loop) and reused per target; several
+addresses or a DNS name per service are balanced round robin.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any, Literal, overload
+
+from grpc import aio
+
+from learnmesh.auth.v1 import auth_pb2_grpc
+from learnmesh.config import Settings
+from learnmesh.course.v1 import course_pb2_grpc
+from learnmesh.file.v1 import file_pb2_grpc
+from learnmesh.notification.v1 import notification_pb2_grpc
+from learnmesh.user.v1 import user_pb2_grpc
+
+ServiceName = Literal["auth", "user", "course", "file", "notification"]
+
+STUBS: dict[str, Any] = {
+    "auth": auth_pb2_grpc.AuthServiceStub,
+    "user": user_pb2_grpc.UserServiceStub,
+    "course": course_pb2_grpc.CourseServiceStub,
+    "file": file_pb2_grpc.FileServiceStub,
+    "notification": notification_pb2_grpc.NotificationServiceStub,
+}
+
+
+def target_of(address: str) -> str:
+    """``a:1,b:2`` → ``ipv4:a:1,b:2`` (gRPC's static list); others unchanged."""
+    if (
+        "," in address
+        and ":" in address
+        and "://" not in address
+        and not address.startswith(("ipv4:", "ipv6:", "dns:", "unix:"))
+    ):
+        return "ipv4:" + address
+    return address
+
+
+class ClientFactory:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        interceptors: Sequence[aio.ClientInterceptor] = (),
+        local_address: str = "",
+    ) -> None:
+        self.settings = settings
+        self.interceptors = list(interceptors)
+        # Where this process's own server listens; the default target of every service.
+        self.local_address = local_address
+        self._channels: dict[str, aio.Channel] = {}
+
+    def address_of(self, service: str) -> str:
+        configured: str = getattr(self.settings, f"{service}_address", "")
+        if configured:
+            return configured
+        return self.local_address or self.settings.address_of(service)
+
+    def channel(self, service: str) -> aio.Channel:
+        target = target_of(self.address_of(service))
+        channel = self._channels.get(target)
+        if channel is None:
+            options = [
+                ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
+                ("grpc.enable_retries", 1),
+            ]
+            channel = aio.insecure_channel(target, options=options, interceptors=self.interceptors)
+            self._channels[target] = channel
+        return channel
+
+    @overload
+    def stub(self, service: Literal["auth"]) -> auth_pb2_grpc.AuthServiceStub: ...
+    @overload
+    def stub(self, service: Literal["user"]) -> user_pb2_grpc.UserServiceStub: ...
+    @overload
+    def stub(self, service: Literal["course"]) -> course_pb2_grpc.CourseServiceStub: ...
+    @overload
+    def stub(self, service: Literal["file"]) -> file_pb2_grpc.FileServiceStub: ...
+    @overload
+    def stub(
+        self, service: Literal["notification"]
+    ) -> notification_pb2_grpc.NotificationServiceStub: ...
+    def stub(self, service: ServiceName) -> Any:
+        """A stub of ``service`` (auth, user, course, file, notification)."""
+        if service not in STUBS:
+            raise ValueError(f"unknown service {service!r}; known: {', '.join(STUBS)}")
+        return STUBS[service](self.channel(service))
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            await channel.close()

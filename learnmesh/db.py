@@ -1,0 +1,107 @@
+"""The SQLAlchemy async engine shared by the services of one process, and their migrations.
+
+SQLite (aiosqlite) under var/ by default, PostgreSQL (asyncpg) when the URL says so: the
+same models and queries run on both. Each service owns its tables and its Alembic history
+(``alembic_version_<service>``), so services migrate independently in one database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import event, text
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.orm import DeclarativeBase
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every service's models (each service uses its own tables)."""
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.close()
+
+
+class Database:
+    """One engine and session factory per process."""
+
+    def __init__(self, url: str, *, echo: bool = False) -> None:
+        self.url = make_url(url)
+        if self.url.get_backend_name() == "sqlite" and self.url.database:
+            Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
+        self.engine: AsyncEngine = create_async_engine(
+            self.url, echo=echo, pool_pre_ping=self.is_postgres
+        )
+        if not self.is_postgres:
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.url.get_backend_name() == "postgresql"
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncSession]:
+        """A session in a transaction: committed on success, rolled back on any error."""
+        async with self.sessions() as session, session.begin():
+            yield session
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def migrate(self, service: str, migrations: Path) -> None:
+        """Brings ``service``'s tables to the newest revision of its Alembic history."""
+        async with self.engine.begin() as conn:
+            if self.is_postgres:
+                # Replicas starting together migrate one at a time.
+                await conn.execute(
+                    text("SELECT pg_advisory_xact_lock(hashtext(:s))"), {"s": service}
+                )
+            await conn.run_sync(_upgrade, service, migrations)
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+def alembic_config(service: str, migrations: Path) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations))
+    cfg.set_main_option("version_table", f"alembic_version_{service}")
+    return cfg
+
+
+def _upgrade(connection: Connection, service: str, migrations: Path) -> None:
+    cfg = alembic_config(service, migrations)
+    cfg.attributes["connection"] = connection
+    command.upgrade(cfg, "head")
+
+
+def run_migrations_online(context: Any, target_metadata: Any) -> None:
+    """The body of every service's migrations/env.py: migrate on the connection handed in."""
+    connection = context.config.attributes.get("connection")
+    if connection is None:
+        raise RuntimeError("run migrations through `learnmesh migrate`, not the alembic CLI")
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        version_table=context.config.get_main_option("version_table"),
+        render_as_batch=connection.dialect.name == "sqlite",
+    )
+    with context.begin_transaction():
+        context.run_migrations()

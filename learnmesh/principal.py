@@ -1,0 +1,67 @@
+"""Who is making the current call, as established by the server's auth interceptors.
+
+Handlers read ``current()``; they never parse tokens or metadata themselves.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+from learnmesh.errors import Unauthenticated
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An end user, from a verified access token."""
+
+    user_id: str
+    roles: frozenset[str] = frozenset()
+    tier: str = "free"
+    session_id: str = ""
+    token_id: str = ""
+    expires_at: float = 0.0
+
+    @property
+    def is_admin(self) -> bool:
+        return "admin" in self.roles
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """Facts about the current call that rules and the audit log need."""
+
+    client_address: str = ""
+    user_agent: str = ""
+    request_id: str = ""
+    # The calling mesh service's SPIFFE ID, when the call came over mTLS.
+    peer_identity: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+_principal: ContextVar[Principal | None] = ContextVar("learnmesh_principal", default=None)
+_call: ContextVar[CallInfo] = ContextVar("learnmesh_call", default=CallInfo())  # noqa: B039
+
+
+def current() -> Principal:
+    """The signed-in caller; UNAUTHENTICATED if the call carries no verified token."""
+    principal = _principal.get()
+    if principal is None:
+        raise Unauthenticated("this call needs a valid access token")
+    return principal
+
+
+def current_or_none() -> Principal | None:
+    return _principal.get()
+
+
+def call_info() -> CallInfo:
+    return _call.get()
+
+
+def set_principal(principal: Principal | None) -> None:
+    _principal.set(principal)
+
+
+def set_call_info(info: CallInfo) -> None:
+    _call.set(info)

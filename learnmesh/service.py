@@ -1,0 +1,51 @@
+"""What a service package hands the runtime, and what the runtime hands back."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from grpc import aio
+
+if TYPE_CHECKING:
+    from learnmesh.client import ClientFactory
+    from learnmesh.config import Settings
+    from learnmesh.db import Database
+
+# Services with an implementation, by short name. Course, file and notification exist as
+# protos only so far.
+IMPLEMENTED = {"auth": "services.auth", "user": "services.user"}
+
+
+@dataclass
+class Runtime:
+    """The process-wide parts a service is built from."""
+
+    settings: Settings
+    db: Database
+    clients: ClientFactory
+
+
+@dataclass(frozen=True)
+class ServiceDefinition:
+    name: str  # "auth"
+    full_name: str  # "learnmesh.auth.v1.AuthService"
+    add_to_server: Callable[[Any, aio.Server], None]
+    # Builds the servicer once migrations have run.
+    create: Callable[[Runtime], Awaitable[Any]]
+    migrations: Path
+    # Owner lookups for ACCESS_OWNER methods whose resource is not a user, by full method.
+    owner_resolvers: Callable[[Any], Mapping[str, Any]] = field(default=lambda _servicer: {})
+
+
+def definition(name: str) -> ServiceDefinition:
+    """The definition exported as ``SERVICE`` by the service's package."""
+    if name not in IMPLEMENTED:
+        known = ", ".join(IMPLEMENTED)
+        raise SystemExit(f"unknown or unimplemented service {name!r}; available: {known}")
+    module = importlib.import_module(IMPLEMENTED[name])
+    found: ServiceDefinition = module.SERVICE
+    return found
