@@ -104,6 +104,17 @@ class AuthSettings:
 
 
 @dataclass(frozen=True)
+class UserSettings:
+    # Emails whose profiles are created with the admin role (comma-separated): how the
+    # first admin of a new installation comes to be.
+    admin_emails: str = ""
+
+    @property
+    def admins(self) -> frozenset[str]:
+        return frozenset(e.strip().lower() for e in self.admin_emails.split(",") if e.strip())
+
+
+@dataclass(frozen=True)
 class Settings:
     # Everything the embedded defaults write: SQLite file, keys, mail, certificates.
     var_dir: str = "var"
@@ -121,6 +132,7 @@ class Settings:
     notification_address: str = field(default="", metadata=_check(_address))
     server: ServerSettings = field(default_factory=ServerSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    user: UserSettings = field(default_factory=UserSettings)
 
     @property
     def var_path(self) -> Path:

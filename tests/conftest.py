@@ -1,0 +1,153 @@
+"""Fixtures: a real mesh (auth + user) on an ephemeral port, on SQLite and on PostgreSQL.
+
+PostgreSQL comes from LEARNMESH_TEST_POSTGRES_URL (default: the local server's `test`
+database). When it is unreachable its tests skip with the reason, except under CI=true,
+where they fail. Each mesh gets a database of its own, dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from grpc import aio
+
+from learnmesh import config
+from learnmesh.auth.v1 import auth_pb2, auth_pb2_grpc
+from learnmesh.client import ClientFactory
+from learnmesh.db import Database
+from learnmesh.server import MeshServer, start_server
+from learnmesh.service import Runtime, definition
+from learnmesh.user.v1 import user_pb2_grpc
+
+POSTGRES_URL = os.environ.get(
+    "LEARNMESH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+IN_CI = os.environ.get("CI", "").lower() == "true"
+PASSWORD = "correct horse battery staple"
+# Registering with this email makes an admin (Settings.user.admin_emails).
+ADMIN_EMAIL = "admin@example.com"
+
+
+async def postgres_unreachable() -> str | None:
+    """Why PostgreSQL cannot be used, or None when it can."""
+    try:
+        conn = await asyncpg.connect(POSTGRES_URL, timeout=3)
+    except (OSError, asyncpg.PostgresError) as exc:
+        return f"PostgreSQL at {POSTGRES_URL} unreachable ({type(exc).__name__}: {exc})"
+    await conn.close()
+    return None
+
+
+@asynccontextmanager
+async def scratch_database(backend: str, tmp: Path) -> AsyncIterator[str]:
+    """A database URL of the backend's that exists only inside the block."""
+    if backend == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp / 'learnmesh.db'}"
+        return
+    reason = await postgres_unreachable()
+    if reason:
+        if IN_CI:
+            pytest.fail(f"{reason}; CI=true requires PostgreSQL")
+        pytest.skip(reason)
+    name = f"learnmesh_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(POSTGRES_URL)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        base = POSTGRES_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
+        yield f"{base}/{name}"
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+def mesh_settings(tmp: Path, database_url: str, **auth: Any) -> config.Settings:
+    """Settings of a test mesh: everything under ``tmp``; ``auth`` overrides AuthSettings."""
+    base = config.load(env={})
+    return replace(
+        base,
+        var_dir=str(tmp),
+        database_url=database_url,
+        server=replace(base.server, port=0, grace=0.5),
+        auth=replace(base.auth, throttle_per_address=1000, **auth),
+        user=replace(base.user, admin_emails=ADMIN_EMAIL),
+    )
+
+
+@dataclass
+class Mesh:
+    """A running mesh and stubs that reach it over a real channel."""
+
+    server: MeshServer
+    runtime: Runtime
+    channel: aio.Channel
+    settings: config.Settings
+
+    @property
+    def auth(self) -> auth_pb2_grpc.AuthServiceStub:
+        return auth_pb2_grpc.AuthServiceStub(self.channel)
+
+    @property
+    def user(self) -> user_pb2_grpc.UserServiceStub:
+        return user_pb2_grpc.UserServiceStub(self.channel)
+
+    @property
+    def mail_dir(self) -> Path:
+        return Path(self.settings.var_dir) / "mail"
+
+    async def register(
+        self, email: str | None = None, password: str = PASSWORD, name: str = "Test User"
+    ) -> auth_pb2.RegisterResponse:
+        email = email or f"user-{uuid.uuid4().hex[:10]}@example.com"
+        response: auth_pb2.RegisterResponse = await self.auth.Register(
+            auth_pb2.RegisterRequest(
+                email=email, password=password, display_name=name, accepted_terms=True
+            )
+        )
+        return response
+
+
+@asynccontextmanager
+async def running_mesh(
+    settings: config.Settings, services: Sequence[str] = ("auth", "user")
+) -> AsyncIterator[Mesh]:
+    """Starts ``services`` in this process on an ephemeral port; stops them afterwards."""
+    runtime = Runtime(
+        settings=settings, db=Database(settings.database), clients=ClientFactory(settings)
+    )
+    server = await start_server(
+        runtime, [definition(name) for name in services], host="127.0.0.1", port=0
+    )
+    channel = aio.insecure_channel(server.address)
+    try:
+        yield Mesh(server, runtime, channel, settings)
+    finally:
+        await channel.close()
+        await server.stop(0)
+        await runtime.clients.close()
+        await runtime.db.dispose()
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying an access token."""
+    return (("authorization", f"Bearer {token}"),)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+async def mesh(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Mesh]:
+    """The auth and user services on SQLite, then on PostgreSQL (shared by a test module)."""
+    tmp = tmp_path_factory.mktemp(f"mesh-{request.param}")
+    async with (
+        scratch_database(request.param, tmp) as url,
+        running_mesh(mesh_settings(tmp, url)) as m,
+    ):
+        yield m
