@@ -63,17 +63,17 @@ def method_info(full_method: str, kind: RpcKind = "unary_unary") -> MethodInfo:
     except KeyError:
         desc = None
     if desc is None:
-        # Unknown to the pool: a method of grpc's own services (health, reflection) or a
-        # method that does not exist (the server answers UNIMPLEMENTED itself).
-        policy = _INFRASTRUCTURE if service.startswith("grpc.") else access_pb2.CallPolicy()
-        return MethodInfo(full_method, service, name, kind, policy, 0, None)
+        # Unknown to the pool: a method that does not exist (the server answers UNIMPLEMENTED).
+        return MethodInfo(full_method, service, name, kind, access_pb2.CallPolicy(), 0, None)
     options = desc.GetOptions()
+    # grpc's own services (health, reflection) are open to whoever may connect.
+    infrastructure = service.startswith("grpc.")
     return MethodInfo(
         full_method=full_method,
         service=service,
         name=name,
         kind=kind,
-        policy=options.Extensions[access_pb2.policy],
+        policy=_INFRASTRUCTURE if infrastructure else options.Extensions[access_pb2.policy],
         idempotency=options.idempotency_level,
         request_type=message_factory.GetMessageClass(desc.input_type),
     )

@@ -1,0 +1,115 @@
+"""The `learnmesh` command as an operator runs it: a real process, real ports, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+LEARNMESH = [sys.executable, "-m", "learnmesh.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def env_for(var_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEARNMESH_")}
+    env.update(LEARNMESH_VAR_DIR=str(var_dir), **extra)
+    return env
+
+
+@asynccontextmanager
+async def running(
+    args: list[str], env: dict[str, str]
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, list[str]]]:
+    """Starts the command, waits for 'ready', yields it with its output so far."""
+    proc = await asyncio.create_subprocess_exec(
+        *LEARNMESH, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(60):
+            while True:
+                raw = await proc.stdout.readline()  # type: ignore[union-attr]
+                if not raw:
+                    raise AssertionError("exited before ready:\n" + "".join(lines))
+                lines.append(raw.decode())
+                if raw.startswith(b"ready"):
+                    break
+        yield proc, lines
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def health_of(address: str, service: str) -> int:
+    async with aio.insecure_channel(address) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=5
+        )
+        return int(reply.status)
+
+
+async def test_up_serves_health_and_stops_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    env = env_for(tmp_path, LEARNMESH_SERVER_PORT=str(port))
+    async with running(["up"], env) as (proc, lines):
+        banner = "".join(lines)
+        assert "learnmesh.auth.v1.AuthService" in banner and f"127.0.0.1:{port}" in banner
+        for name in ("", "learnmesh.auth.v1.AuthService", "learnmesh.user.v1.UserService"):
+            assert (
+                await health_of(f"127.0.0.1:{port}", name) == health_pb2.HealthCheckResponse.SERVING
+            )
+        assert (tmp_path / "learnmesh.db").exists()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, out.decode()
+        assert "stopped" in out.decode()
+
+
+async def test_serve_one_service_per_process_and_sigint(tmp_path: Path) -> None:
+    port = free_port()
+    async with running(["serve", "user", "--port", str(port)], env_for(tmp_path)) as (proc, _):
+        assert await health_of(f"127.0.0.1:{port}", "learnmesh.user.v1.UserService") == 1
+        with pytest.raises(aio.AioRpcError) as err:
+            await health_of(f"127.0.0.1:{port}", "learnmesh.auth.v1.AuthService")
+        assert err.value.code().name == "NOT_FOUND"
+        proc.send_signal(signal.SIGINT)
+        await asyncio.wait_for(proc.wait(), 30)
+        assert proc.returncode == 0
+
+
+async def test_bad_setting_stops_start_up_naming_the_key(tmp_path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *LEARNMESH,
+        "up",
+        env=env_for(tmp_path, LEARNMESH_SERVER_PORT="fifty"),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1
+    assert "LEARNMESH_SERVER_PORT" in err.decode() and "whole number" in err.decode()
+    assert "Traceback" not in err.decode()
+
+
+async def test_migrate_creates_every_services_tables(tmp_path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *LEARNMESH, "migrate", env=env_for(tmp_path), stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0
+    assert "auth: migrated to head" in out.decode() and "user: migrated to head" in out.decode()
