@@ -9,6 +9,7 @@ function calls, not for a fresh interceptor walk.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 import grpc
@@ -19,6 +20,26 @@ from interceptors.method import MethodInfo, RpcKind, method_info
 Behavior = Callable[..., Any]
 # (request or None for client-streaming calls, context) -> None, raising to refuse the call
 Check = Callable[[Any, aio.ServicerContext], Awaitable[None]]
+
+
+_trailers: ContextVar[list[tuple[str, str | bytes]] | None] = ContextVar(
+    "learnmesh_trailers", default=None
+)
+
+
+def add_trailer(context: aio.ServicerContext, key: str, value: str | bytes) -> None:
+    """Adds trailing metadata to the call without dropping what other links added."""
+    found = _trailers.get()
+    if found is None:
+        found = []
+        _trailers.set(found)
+    found.append((key, value))
+    context.set_trailing_metadata(tuple(found))
+
+
+def trailers() -> tuple[tuple[str, str | bytes], ...]:
+    """The trailing metadata links added to the current call (errors re-send it on abort)."""
+    return tuple(_trailers.get() or ())
 
 
 class ServerLink:

@@ -17,7 +17,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc import aio
 
-from interceptors.chain import Behavior, ServerLink, around
+from interceptors.chain import Behavior, ServerLink, around, trailers
 from interceptors.method import MethodInfo
 from learnmesh import principal
 from learnmesh.errors import ERROR_DOMAIN, DomainError, InvalidArgument, ResourceExhausted
@@ -73,11 +73,8 @@ def status_of(error: DomainError) -> status_pb2.Status:
 
 async def abort_with(context: aio.ServicerContext, status: status_pb2.Status) -> None:
     """Ends the call with ``status``, its details in ``grpc-status-details-bin``."""
-    trailers: list[tuple[str, str | bytes]] = [(STATUS_DETAILS_KEY, status.SerializeToString())]
-    request_id = principal.call_info().request_id
-    if request_id:
-        trailers.append(("x-request-id", request_id))
-    await context.abort(grpc.StatusCode(_CODES[status.code]), status.message, tuple(trailers))
+    added = (*trailers(), (STATUS_DETAILS_KEY, status.SerializeToString()))
+    await context.abort(grpc.StatusCode(_CODES[status.code]), status.message, added)
 
 
 _CODES = {code.value[0]: code.value for code in grpc.StatusCode}
@@ -100,9 +97,11 @@ async def map_exception(exc: BaseException, context: aio.ServicerContext, method
         await abort_with(context, status_of(exc))
     if isinstance(exc, aio.AioRpcError) and exc.code() in _PASS_THROUGH:
         log.warning("%s: upstream call failed: %s %s", method, exc.code().name, exc.details())
-        await context.abort(
-            exc.code(), f"a service this call depends on answered {exc.code().name}"
+        status = status_pb2.Status(
+            code=exc.code().value[0],
+            message=f"a service this call depends on answered {exc.code().name}",
         )
+        await abort_with(context, status)
     log.error("%s failed", method, exc_info=exc)
     await abort_with(context, internal_status())
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from grpc import aio
 
-from interceptors.chain import Behavior, ServerLink, guard
+from interceptors.chain import Behavior, ServerLink, add_trailer, guard
 from interceptors.method import MethodInfo
 from learnmesh.principal import CallInfo, set_call_info
 
@@ -46,6 +46,6 @@ class RequestId(ServerLink):
         async def check(_request: Any, context: aio.ServicerContext) -> None:
             info = call_info_of(context)
             set_call_info(info)
-            context.set_trailing_metadata(((HEADER, info.request_id),))
+            add_trailer(context, HEADER, info.request_id)
 
         return guard(method, behavior, check)

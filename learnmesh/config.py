@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import typing
 from collections.abc import Callable, Mapping
@@ -64,6 +65,62 @@ def _address(value: str) -> str:
     return value
 
 
+def _admin_port(value: int) -> int:
+    if not -1 <= value <= 65535:
+        raise ValueError("a TCP port from 0 to 65535, or -1 for no admin port")
+    return value
+
+
+def _positive_float(value: float) -> float:
+    if value <= 0:
+        raise ValueError("a number of seconds greater than 0")
+    return value
+
+
+def _trust_domain(value: str) -> str:
+    if not re.fullmatch(r"[a-z0-9.-]+", value):
+        raise ValueError("a lower-case DNS-like name such as learnmesh.local")
+    return value
+
+
+def _method_pairs(value: str) -> list[tuple[str, str]]:
+    pairs = []
+    for item in filter(None, (part.strip() for part in value.split(";"))):
+        method, sep, rest = item.partition("=")
+        if not sep or "/" not in method or not rest:
+            raise ValueError(f"entries like pkg.Service/Method=…; got {item!r}")
+        pairs.append(("/" + method.strip().lstrip("/"), rest.strip()))
+    return pairs
+
+
+def _parse_extra_callers(value: str) -> dict[str, frozenset[str]]:
+    return {
+        method: frozenset(n.strip() for n in names.split(",") if n.strip())
+        for method, names in _method_pairs(value)
+    }
+
+
+def _extra_callers(value: str) -> str:
+    _parse_extra_callers(value)
+    return value
+
+
+def _parse_method_deadlines(value: str) -> dict[str, tuple[float, float]]:
+    found = {}
+    for method, spec in _method_pairs(value):
+        default, _, cap = spec.partition(":")
+        try:
+            found[method] = (float(default), float(cap or default))
+        except ValueError:
+            raise ValueError(f"pkg.Service/Method=default:cap in seconds; got {spec!r}") from None
+    return found
+
+
+def _method_deadlines(value: str) -> str:
+    _parse_method_deadlines(value)
+    return value
+
+
 def _check(fn: Callable[[Any], Any]) -> dict[str, Any]:
     return {"check": fn}
 
@@ -74,6 +131,82 @@ class ServerSettings:
     port: int = field(default=50051, metadata=_check(_port))
     # Seconds in-flight calls get to finish on SIGINT/SIGTERM.
     grace: float = 5.0
+    # The plaintext admin port for probes: grpc.health.v1.Health, /healthz, /readyz, /metrics
+    # (never a business method). Port 0 picks a free one; -1 turns it off.
+    admin_host: str = "127.0.0.1"
+    admin_port: int = field(default=50052, metadata=_check(_admin_port))
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    # mTLS between every caller and every service. Off only with `--insecure` (or false here).
+    enabled: bool = True
+    # PEM files; empty: var/certs/{ca,<service>}.pem, made on first start by `learnmesh up`.
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    trust_domain: str = field(default="learnmesh.local", metadata=_check(_trust_domain))
+    # Callers allowed on internal methods beyond the proto option's, as
+    # "pkg.Service/Method=name,name;pkg.Service/Method=name" (service names: SPIFFE path
+    # service/<name>).
+    extra_callers: str = field(default="", metadata=_check(_extra_callers))
+
+    @property
+    def callers(self) -> dict[str, frozenset[str]]:
+        return _parse_extra_callers(self.extra_callers)
+
+
+@dataclass(frozen=True)
+class DeadlineSettings:
+    # Seconds a call may run when its caller set no deadline, and the most it may ask for.
+    default: float = field(default=10.0, metadata=_check(_positive_float))
+    cap: float = field(default=30.0, metadata=_check(_positive_float))
+    # Per-method "pkg.Service/Method=default:cap;…" overrides.
+    methods: str = field(default="", metadata=_check(_method_deadlines))
+    # Outbound calls made while serving one get the inbound remaining time minus this margin.
+    propagation_margin: float = 0.05
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    """The reference document's tiers (requests per minute) and endpoint limits."""
+
+    enabled: bool = True
+    free_per_minute: int = field(default=30, metadata=_check(_positive))
+    basic_per_minute: int = field(default=60, metadata=_check(_positive))
+    pro_per_minute: int = field(default=120, metadata=_check(_positive))
+    enterprise_per_minute: int = field(default=300, metadata=_check(_positive))
+    write_multiplier: float = 0.5
+    delete_multiplier: float = 0.25
+    # Bursts up to this multiple of the per-minute rate spread over burst_window seconds.
+    burst_multiplier: float = 2.0
+    burst_window: int = field(default=10, metadata=_check(_positive))
+    login_per_minute: int = field(default=5, metadata=_check(_positive))
+    login_per_hour: int = field(default=20, metadata=_check(_positive))
+    register_per_minute: int = field(default=3, metadata=_check(_positive))
+    register_per_hour: int = field(default=10, metadata=_check(_positive))
+    password_reset_per_minute: int = field(default=3, metadata=_check(_positive))
+    password_reset_per_hour: int = field(default=10, metadata=_check(_positive))
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    # Circuit breaker per target: this many failures in a row open it, it half-opens after
+    # reset_timeout seconds, and this many successes close it again.
+    breaker_failures: int = field(default=5, metadata=_check(_positive))
+    breaker_reset_timeout: float = field(default=30.0, metadata=_check(_positive_float))
+    breaker_half_open_successes: int = field(default=3, metadata=_check(_positive))
+    # Native gRPC retry throttling (the retry budget): tokens and refill per success.
+    retry_budget_tokens: int = field(default=10, metadata=_check(_positive))
+    retry_budget_ratio: float = 0.1
+
+
+@dataclass(frozen=True)
+class TelemetrySettings:
+    # One JSON line per call (request id, trace id, peer, method, status, duration).
+    access_log: bool = True
+    # Tracing follows the standard OTEL_* variables (OTEL_TRACES_EXPORTER=otlp|console|none,
+    # OTEL_TRACES_SAMPLER, OTEL_TRACES_SAMPLER_ARG, OTEL_EXPORTER_OTLP_*).
 
 
 @dataclass(frozen=True)
@@ -133,6 +266,11 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     user: UserSettings = field(default_factory=UserSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    deadlines: DeadlineSettings = field(default_factory=DeadlineSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    client: ClientSettings = field(default_factory=ClientSettings)
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
 
     @property
     def var_path(self) -> Path:
@@ -143,6 +281,10 @@ class Settings:
         if self.database_url:
             return self.database_url
         return f"sqlite+aiosqlite:///{self.var_path / 'learnmesh.db'}"
+
+    @property
+    def method_deadlines(self) -> dict[str, tuple[float, float]]:
+        return _parse_method_deadlines(self.deadlines.methods)
 
     def address_of(self, service: str) -> str:
         """The target a client dials for ``service``."""
