@@ -1,0 +1,113 @@
+"""The client side: one base class turns a concern into interceptors of all four kinds.
+
+A concern implements ``before`` (may change the call details: metadata, timeout; may raise
+to refuse the call) and ``after`` (sees the final status of the logical call, once, after
+any native retries underneath). grpc.aio runs client interceptors once per logical call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+
+def with_metadata(details: aio.ClientCallDetails, *pairs: tuple[str, str]) -> aio.ClientCallDetails:
+    """A copy of ``details`` with ``pairs`` added to its metadata."""
+    metadata = aio.Metadata(*(details.metadata or ()))
+    for key, value in pairs:
+        metadata.add(key, value)
+    return replace_details(details, metadata=metadata)
+
+
+def replace_details(details: aio.ClientCallDetails, **changes: Any) -> aio.ClientCallDetails:
+    fields = {
+        "method": details.method,
+        "timeout": details.timeout,
+        "metadata": details.metadata,
+        "credentials": details.credentials,
+        "wait_for_ready": details.wait_for_ready,
+    }
+    fields.update(changes)
+    return aio.ClientCallDetails(**fields)
+
+
+def method_name(details: aio.ClientCallDetails) -> str:
+    method = details.method
+    return method.decode() if isinstance(method, bytes) else method
+
+
+class ClientConcern(
+    aio.UnaryUnaryClientInterceptor,
+    aio.UnaryStreamClientInterceptor,
+    aio.StreamUnaryClientInterceptor,
+    aio.StreamStreamClientInterceptor,
+):
+    """Subclass and override ``before`` and/or ``after``."""
+
+    def before(self, details: aio.ClientCallDetails) -> tuple[aio.ClientCallDetails, Any]:
+        """Returns the details to call with and a token handed to ``after``."""
+        return details, None
+
+    def after(self, details: aio.ClientCallDetails, token: Any, code: grpc.StatusCode) -> None:
+        """Called once with the final status of the call."""
+
+    async def _finish(self, details: aio.ClientCallDetails, token: Any, call: Any) -> None:
+        try:
+            code = await call.code()
+        except Exception:  # a call that never started
+            code = grpc.StatusCode.UNKNOWN
+        self.after(details, token, code)
+
+    async def _intercept(
+        self,
+        continuation: Callable[..., Any],
+        details: aio.ClientCallDetails,
+        request: Any,
+        unary_response: bool,
+    ) -> Any:
+        details, token = self.before(details)
+        try:
+            call = await continuation(details, request)
+        except aio.AioRpcError as exc:
+            self.after(details, token, exc.code())
+            raise
+        if not unary_response:
+            # Streams end later; their status is read once they are done.
+            call.add_done_callback(
+                lambda done: asyncio.ensure_future(self._finish(details, token, done))
+            )
+            return call
+        try:
+            await call
+        except aio.AioRpcError as exc:
+            self.after(details, token, exc.code())
+        except asyncio.CancelledError:
+            self.after(details, token, grpc.StatusCode.CANCELLED)
+            raise
+        else:
+            self.after(details, token, grpc.StatusCode.OK)
+        return call  # awaiting it again gives the caller the response or the error
+
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
+        return await self._intercept(continuation, client_call_details, request, True)
+
+    async def intercept_unary_stream(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
+        return await self._intercept(continuation, client_call_details, request, False)
+
+    async def intercept_stream_unary(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
+        return await self._intercept(continuation, client_call_details, request_iterator, True)
+
+    async def intercept_stream_stream(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
+        return await self._intercept(continuation, client_call_details, request_iterator, False)
