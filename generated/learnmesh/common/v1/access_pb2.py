@@ -26,17 +26,17 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n learnmesh/common/v1/access.proto\x12\x13learnmesh.common.v1\x1a google/protobuf/descriptor.proto\"\xa2\x01\n\nCallPolicy\x12+\n\x06\x61\x63\x63\x65ss\x18\x01 \x01(\x0e\x32\x1b.learnmesh.common.v1.Access\x12\r\n\x05roles\x18\x02 \x03(\t\x12\x13\n\x0bowner_field\x18\x03 \x01(\t\x12\x0f\n\x07\x63\x61llers\x18\x04 \x03(\t\x12\x32\n\nrate_class\x18\x05 \x01(\x0e\x32\x1e.learnmesh.common.v1.RateClass*|\n\x06\x41\x63\x63\x65ss\x12\x16\n\x12\x41\x43\x43\x45SS_UNSPECIFIED\x10\x00\x12\x11\n\rACCESS_PUBLIC\x10\x01\x12\x0f\n\x0b\x41\x43\x43\x45SS_USER\x10\x02\x12\x10\n\x0c\x41\x43\x43\x45SS_OWNER\x10\x03\x12\x0f\n\x0b\x41\x43\x43\x45SS_ROLE\x10\x04\x12\x13\n\x0f\x41\x43\x43\x45SS_INTERNAL\x10\x05*\xce\x01\n\tRateClass\x12\x1a\n\x16RATE_CLASS_UNSPECIFIED\x10\x00\x12\x13\n\x0fRATE_CLASS_READ\x10\x01\x12\x14\n\x10RATE_CLASS_WRITE\x10\x02\x12\x15\n\x11RATE_CLASS_DELETE\x10\x03\x12\x14\n\x10RATE_CLASS_LOGIN\x10\x04\x12\x17\n\x13RATE_CLASS_REGISTER\x10\x05\x12\x1d\n\x19RATE_CLASS_PASSWORD_RESET\x10\x06\x12\x15\n\x11RATE_CLASS_EXEMPT\x10\x07:Q\n\x06policy\x12\x1e.google.protobuf.MethodOptions\x18\xb9\x8e\x03 \x01(\x0b\x32\x1f.learnmesh.common.v1.CallPolicyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n learnmesh/common/v1/access.proto\x12\x13learnmesh.common.v1\x1a google/protobuf/descriptor.proto\"\xb4\x01\n\nCallPolicy\x12+\n\x06\x61\x63\x63\x65ss\x18\x01 \x01(\x0e\x32\x1b.learnmesh.common.v1.Access\x12\r\n\x05roles\x18\x02 \x03(\t\x12\x13\n\x0bowner_field\x18\x03 \x01(\t\x12\x0f\n\x07\x63\x61llers\x18\x04 \x03(\t\x12\x32\n\nrate_class\x18\x05 \x01(\x0e\x32\x1e.learnmesh.common.v1.RateClass\x12\x10\n\x08\x63ritical\x18\x06 \x01(\x08*|\n\x06\x41\x63\x63\x65ss\x12\x16\n\x12\x41\x43\x43\x45SS_UNSPECIFIED\x10\x00\x12\x11\n\rACCESS_PUBLIC\x10\x01\x12\x0f\n\x0b\x41\x43\x43\x45SS_USER\x10\x02\x12\x10\n\x0c\x41\x43\x43\x45SS_OWNER\x10\x03\x12\x0f\n\x0b\x41\x43\x43\x45SS_ROLE\x10\x04\x12\x13\n\x0f\x41\x43\x43\x45SS_INTERNAL\x10\x05*\xce\x01\n\tRateClass\x12\x1a\n\x16RATE_CLASS_UNSPECIFIED\x10\x00\x12\x13\n\x0fRATE_CLASS_READ\x10\x01\x12\x14\n\x10RATE_CLASS_WRITE\x10\x02\x12\x15\n\x11RATE_CLASS_DELETE\x10\x03\x12\x14\n\x10RATE_CLASS_LOGIN\x10\x04\x12\x17\n\x13RATE_CLASS_REGISTER\x10\x05\x12\x1d\n\x19RATE_CLASS_PASSWORD_RESET\x10\x06\x12\x15\n\x11RATE_CLASS_EXEMPT\x10\x07:Q\n\x06policy\x12\x1e.google.protobuf.MethodOptions\x18\xb9\x8e\x03 \x01(\x0b\x32\x1f.learnmesh.common.v1.CallPolicyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'learnmesh.common.v1.access_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ACCESS']._serialized_start=256
-  _globals['_ACCESS']._serialized_end=380
-  _globals['_RATECLASS']._serialized_start=383
-  _globals['_RATECLASS']._serialized_end=589
+  _globals['_ACCESS']._serialized_start=274
+  _globals['_ACCESS']._serialized_end=398
+  _globals['_RATECLASS']._serialized_start=401
+  _globals['_RATECLASS']._serialized_end=607
   _globals['_CALLPOLICY']._serialized_start=92
-  _globals['_CALLPOLICY']._serialized_end=254
+  _globals['_CALLPOLICY']._serialized_end=272
 # @@protoc_insertion_point(module_scope)

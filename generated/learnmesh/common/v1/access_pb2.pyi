@@ -46,15 +46,17 @@ POLICY_FIELD_NUMBER: _ClassVar[int]
 policy: _descriptor.FieldDescriptor
 
 class CallPolicy(_message.Message):
-    __slots__ = ("access", "roles", "owner_field", "callers", "rate_class")
+    __slots__ = ("access", "roles", "owner_field", "callers", "rate_class", "critical")
     ACCESS_FIELD_NUMBER: _ClassVar[int]
     ROLES_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_FIELD_NUMBER: _ClassVar[int]
     CALLERS_FIELD_NUMBER: _ClassVar[int]
     RATE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    CRITICAL_FIELD_NUMBER: _ClassVar[int]
     access: Access
     roles: _containers.RepeatedScalarFieldContainer[str]
     owner_field: str
     callers: _containers.RepeatedScalarFieldContainer[str]
     rate_class: RateClass
-    def __init__(self, access: _Optional[_Union[Access, str]] = ..., roles: _Optional[_Iterable[str]] = ..., owner_field: _Optional[str] = ..., callers: _Optional[_Iterable[str]] = ..., rate_class: _Optional[_Union[RateClass, str]] = ...) -> None: ...
+    critical: bool
+    def __init__(self, access: _Optional[_Union[Access, str]] = ..., roles: _Optional[_Iterable[str]] = ..., owner_field: _Optional[str] = ..., callers: _Optional[_Iterable[str]] = ..., rate_class: _Optional[_Union[RateClass, str]] = ..., critical: _Optional[bool] = ...) -> None: ...
