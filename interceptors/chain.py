@@ -69,7 +69,7 @@ _FACTORIES = {
 }
 
 
-async def _stream_of(result: Any) -> AsyncIterator[Any]:
+async def stream_of(result: Any) -> AsyncIterator[Any]:
     """Response messages of a server-streaming behaviour, whether it yields or awaits."""
     if hasattr(result, "__aiter__"):
         async for message in result:
@@ -91,7 +91,7 @@ def guard(method: MethodInfo, behavior: Behavior, check: Check) -> Behavior:
 
         async def unary_stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
             await check(request, context)
-            async for message in _stream_of(behavior(request, context)):
+            async for message in stream_of(behavior(request, context)):
                 yield message
 
         return unary_stream
@@ -105,7 +105,7 @@ def guard(method: MethodInfo, behavior: Behavior, check: Check) -> Behavior:
 
     async def stream_stream(requests: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
         await check(None, context)
-        async for message in _stream_of(behavior(requests, context)):
+        async for message in stream_of(behavior(requests, context)):
             yield message
 
     return stream_stream
@@ -134,7 +134,7 @@ def around(
     async def streaming_response(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
         with enter(context):
             try:
-                async for message in _stream_of(behavior(request, context)):
+                async for message in stream_of(behavior(request, context)):
                     yield message
             except BaseException as exc:
                 await on_error(exc, context)
@@ -156,7 +156,7 @@ def each_request(method: MethodInfo, behavior: Behavior, check: Callable[[Any], 
 
         async def unary_stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
             check(request)
-            async for message in _stream_of(behavior(request, context)):
+            async for message in stream_of(behavior(request, context)):
                 yield message
 
         return unary_stream
@@ -176,7 +176,7 @@ def each_request(method: MethodInfo, behavior: Behavior, check: Callable[[Any], 
         return stream_unary
 
     async def stream_stream(requests: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
-        async for message in _stream_of(behavior(checked(requests, context), context)):
+        async for message in stream_of(behavior(checked(requests, context), context)):
             yield message
 
     return stream_stream

@@ -10,8 +10,9 @@ from typing import Any
 from grpc import aio
 
 from interceptors.chain import Behavior, ServerLink, add_trailer, guard
+from interceptors.client import ClientConcern, with_metadata
 from interceptors.method import MethodInfo
-from learnmesh.principal import CallInfo, set_call_info
+from learnmesh.principal import CallInfo, call_info, set_call_info
 
 HEADER = "x-request-id"
 _ACCEPTABLE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -49,3 +50,13 @@ class RequestId(ServerLink):
             add_trailer(context, HEADER, info.request_id)
 
         return guard(method, behavior, check)
+
+
+class ClientRequestId(ClientConcern):
+    """Outbound calls made while serving one carry its request id."""
+
+    def before(self, details: aio.ClientCallDetails) -> tuple[aio.ClientCallDetails, Any]:
+        request_id = call_info().request_id
+        if request_id and not any(k == HEADER for k, _ in details.metadata or ()):
+            details = with_metadata(details, (HEADER, request_id))
+        return details, None

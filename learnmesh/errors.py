@@ -78,3 +78,7 @@ class ResourceExhausted(DomainError):
         super().__init__(message, reason=reason)
         # Seconds until a retry may succeed (google.rpc.RetryInfo).
         self.retry_after = retry_after
+
+
+class DeadlineExceeded(DomainError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED

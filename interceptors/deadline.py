@@ -1,0 +1,123 @@
+"""Deadlines: kept, defaulted and capped on the server; propagated to outbound calls.
+
+Server side: a call without a deadline gets the method's default, a longer one is cut to
+the method's cap, and one already past ends with DEADLINE_EXCEEDED before the handler runs.
+The handler runs under that deadline, so when it passes (or the caller cancels, which
+grpc.aio delivers as cancellation) the handler's work, database calls included, is
+cancelled.
+
+Client side: grpc Python does not propagate deadlines, so an outbound call made while
+serving one gets min(its own timeout, the inbound remaining time minus a small margin),
+and fails at once with DEADLINE_EXCEEDED when nothing is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextvars import ContextVar
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from interceptors.chain import Behavior, ServerLink, stream_of
+from interceptors.client import ClientConcern, method_name, replace_details
+from interceptors.method import MethodInfo
+from learnmesh.errors import DeadlineExceeded
+
+# Absolute time.monotonic() deadline of the call being served, for outbound propagation.
+_deadline: ContextVar[float | None] = ContextVar("learnmesh_deadline", default=None)
+# grpc reports "no deadline" as None or as a huge number, depending on the version.
+_NO_DEADLINE = 10 * 365 * 24 * 3600
+
+
+def current_deadline() -> float | None:
+    return _deadline.get()
+
+
+def remaining() -> float | None:
+    """Seconds left for the call being served, or None outside a call."""
+    deadline = _deadline.get()
+    return None if deadline is None else deadline - time.monotonic()
+
+
+class Deadline(ServerLink):
+    def __init__(
+        self, default: float, cap: float, methods: Mapping[str, tuple[float, float]] | None = None
+    ) -> None:
+        self.default = default
+        self.cap = cap
+        self.methods = dict(methods or {})
+
+    def wrap(self, method: MethodInfo, behavior: Behavior) -> Behavior:
+        default, cap = self.methods.get(method.full_method, (self.default, self.cap))
+        name = method.name
+
+        def budget(context: aio.ServicerContext) -> float:
+            left = context.time_remaining()
+            if left is None or left > _NO_DEADLINE:
+                return default
+            if left <= 0:
+                raise DeadlineExceeded(f"{name}: the caller's deadline had passed on arrival")
+            return min(left, cap)
+
+        def exceeded(seconds: float) -> DeadlineExceeded:
+            return DeadlineExceeded(f"{name} did not finish within its deadline of {seconds:.3g} s")
+
+        if method.kind in ("unary_unary", "stream_unary"):
+
+            async def unary_response(request: Any, context: aio.ServicerContext) -> Any:
+                seconds = budget(context)
+                deadline = time.monotonic() + seconds
+                _deadline.set(deadline)
+                try:
+                    async with asyncio.timeout_at(asyncio.get_running_loop().time() + seconds):
+                        return await behavior(request, context)
+                except TimeoutError:
+                    raise exceeded(seconds) from None
+
+            return unary_response
+
+        async def streaming_response(
+            request: Any, context: aio.ServicerContext
+        ) -> AsyncIterator[Any]:
+            seconds = budget(context)
+            _deadline.set(time.monotonic() + seconds)
+            try:
+                async with asyncio.timeout_at(asyncio.get_running_loop().time() + seconds):
+                    async for message in stream_of(behavior(request, context)):
+                        yield message
+            except TimeoutError:
+                raise exceeded(seconds) from None
+
+        return streaming_response
+
+
+def deadline_exceeded_error(method: str) -> aio.AioRpcError:
+    return aio.AioRpcError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        aio.Metadata(),
+        aio.Metadata(),
+        details=f"no time left to call {method}: the call being served is out of time",
+    )
+
+
+class DeadlinePropagation(ClientConcern):
+    """Shortens outbound timeouts to what the inbound call has left (minus ``margin``)."""
+
+    def __init__(self, margin: float = 0.05) -> None:
+        self.margin = margin
+
+    def before(self, details: aio.ClientCallDetails) -> tuple[aio.ClientCallDetails, Any]:
+        deadline = _deadline.get()
+        if deadline is None:
+            return details, None
+        left = deadline - time.monotonic() - self.margin
+        if left <= 0:
+            raise deadline_exceeded_error(method_name(details))
+        timeout = details.timeout
+        if timeout is None or timeout > left:
+            details = replace_details(details, timeout=left)
+        return details, None

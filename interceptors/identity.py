@@ -1,0 +1,67 @@
+"""Peer identity (mTLS): the caller's SPIFFE ID from its client certificate.
+
+With TLS on, the server has already demanded a certificate from the mesh's CA in the
+handshake; this link reads the caller's SPIFFE ID (grpc reports ``peer_spiffe_id`` only for
+a certificate with exactly one URI SAN), records it for logs, and lets ``internal`` methods
+through only for the service identities their proto option (plus configuration) allows.
+Without TLS (``--insecure``) there is no identity to check: internal methods then rely on
+the end-user-token rule of the auth link alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from grpc import aio
+
+from interceptors.chain import Behavior, ServerLink, guard
+from interceptors.method import MethodInfo
+from learnmesh import principal
+from learnmesh.common.v1 import access_pb2
+from learnmesh.errors import PermissionDenied, Unauthenticated
+
+
+def spiffe_of(context: aio.ServicerContext) -> str:
+    """The caller's SPIFFE ID, or "" when the channel has none."""
+    values = context.auth_context().get("peer_spiffe_id") or ()
+    return values[0].decode() if len(values) == 1 else ""
+
+
+class PeerIdentity(ServerLink):
+    def __init__(
+        self,
+        trust_domain: str,
+        *,
+        tls: bool,
+        extra_callers: Mapping[str, frozenset[str]] | None = None,
+    ) -> None:
+        self.prefix = f"spiffe://{trust_domain}/service/"
+        self.tls = tls
+        self.extra = dict(extra_callers or {})
+
+    def wrap(self, method: MethodInfo, behavior: Behavior) -> Behavior:
+        if not self.tls:
+            return behavior
+        internal = method.policy.access == access_pb2.ACCESS_INTERNAL
+        allowed = frozenset(method.policy.callers) | self.extra.get(method.full_method, frozenset())
+        prefix = self.prefix
+        name = method.name
+
+        async def check(_request: Any, context: aio.ServicerContext) -> None:
+            identity = spiffe_of(context)
+            if identity:
+                info = principal.call_info()
+                principal.set_call_info(dataclasses.replace(info, peer_identity=identity))
+            if not internal:
+                return
+            if not identity:
+                raise Unauthenticated(f"{name} needs a mesh certificate with one SPIFFE ID")
+            service = identity[len(prefix) :] if identity.startswith(prefix) else ""
+            if service not in allowed:
+                raise PermissionDenied(
+                    f"{name} is internal and {identity} is not among its allowed callers"
+                )
+
+        return guard(method, behavior, check)

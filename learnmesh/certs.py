@@ -1,0 +1,172 @@
+"""The mesh's certificate authority and the certificates it issues.
+
+Every certificate names its holder with exactly one URI SAN, a SPIFFE ID:
+``spiffe://<trust-domain>/service/<name>`` for mesh services, ``…/client/<name>`` for
+other callers. Servers also carry DNS/IP SANs so clients can verify the host they dial.
+Keys are EC P-256, written with mode 0600.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+DEFAULT_DNS = ("localhost",)
+DEFAULT_IPS = ("127.0.0.1", "::1")
+
+
+def spiffe_id(trust_domain: str, name: str, kind: str = "service") -> str:
+    return f"spiffe://{trust_domain}/{kind}/{name}"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """PEM files of one holder (a service, a client, or the CA itself)."""
+
+    cert: Path
+    key: Path
+
+    def read(self) -> tuple[bytes, bytes]:
+        return self.key.read_bytes(), self.cert.read_bytes()
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def ca_paths(directory: Path) -> Identity:
+    return Identity(directory / "ca.pem", directory / "ca-key.pem")
+
+
+def init_ca(directory: Path, trust_domain: str, *, days: int = 3650) -> Identity:
+    """Makes a CA under ``directory`` (ca.pem, ca-key.pem) unless one is there."""
+    paths = ca_paths(directory)
+    if paths.cert.exists() and paths.key.exists():
+        return paths
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "learnmesh"),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"learnmesh CA ({trust_domain})"),
+        ]
+    )
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _write_private(paths.key, _key_pem(key))
+    paths.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return paths
+
+
+def issue(
+    directory: Path,
+    name: str,
+    trust_domain: str,
+    *,
+    kind: str = "service",
+    dns: tuple[str, ...] = DEFAULT_DNS,
+    ips: tuple[str, ...] = DEFAULT_IPS,
+    days: int = 90,
+    ca: Identity | None = None,
+) -> Identity:
+    """Issues ``<name>.pem`` / ``<name>-key.pem`` signed by the CA in ``directory``."""
+    if kind not in ("service", "client"):
+        raise ValueError("kind must be service or client")
+    ca = ca or ca_paths(directory)
+    if not ca.cert.exists():
+        raise FileNotFoundError(f"no CA at {ca.cert}; run `learnmesh certs init` first")
+    ca_key = serialization.load_pem_private_key(ca.key.read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate(ca.cert.read_bytes())
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{ca.key} is not an EC key")
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans: list[x509.GeneralName] = [
+        x509.UniformResourceIdentifier(spiffe_id(trust_domain, name, kind))
+    ]
+    sans += [x509.DNSName(d) for d in dns]
+    sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "learnmesh"),
+                    x509.NameAttribute(NameOID.COMMON_NAME, name),
+                ]
+            )
+        )
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = Identity(directory / f"{name}.pem", directory / f"{name}-key.pem")
+    _write_private(paths.key, _key_pem(key))
+    paths.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return paths
+
+
+def ensure(directory: Path, name: str, trust_domain: str) -> Identity:
+    """The CA and ``name``'s certificate under ``directory``, made if missing (dev default)."""
+    init_ca(directory, trust_domain)
+    paths = Identity(directory / f"{name}.pem", directory / f"{name}-key.pem")
+    if paths.cert.exists() and paths.key.exists():
+        return paths
+    return issue(directory, name, trust_domain)

@@ -1,0 +1,1 @@
+"""learnmesh tests: real servers on real ports, real channels."""
