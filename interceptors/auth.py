@@ -169,7 +169,8 @@ class AccessPolicy(ServerLink):
         owner_resolvers: Mapping[str, OwnerResolver] | None = None,
     ) -> None:
         self.verifier = verifier
-        self.owner_resolvers = dict(owner_resolvers or {})
+        # Kept by reference: the runtime fills it once the servicers exist.
+        self.owner_resolvers = owner_resolvers if owner_resolvers is not None else {}
 
     def wrap(self, method: MethodInfo, behavior: Behavior) -> Behavior:
         policy = method.policy

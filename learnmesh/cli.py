@@ -1,27 +1,45 @@
-"""The ``learnmesh`` command: run the mesh, one service, or the migrations."""
+"""The ``learnmesh`` command: run the mesh or one service, migrate, manage certificates."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from learnmesh import config
+from learnmesh import certs, config, tls
 from learnmesh.client import ClientFactory
 from learnmesh.db import Database
 from learnmesh.service import IMPLEMENTED, Runtime, definition
 
 log = logging.getLogger("learnmesh")
 
+INSECURE_WARNING = """\
+************************************************************************
+* WARNING: --insecure: plaintext gRPC, no mTLS. Any process that can   *
+* reach this port can call internal methods and read every message.    *
+* Use only on a developer machine.                                     *
+************************************************************************"""
 
-def _runtime(settings: config.Settings) -> Runtime:
-    return Runtime(
-        settings=settings, db=Database(settings.database), clients=ClientFactory(settings)
+
+def _runtime(settings: config.Settings, identity: str) -> tuple[Runtime, object]:
+    """The process runtime and the server credentials (None without TLS)."""
+    if not settings.tls.enabled:
+        runtime = Runtime(settings, Database(settings.database), ClientFactory(settings))
+        return runtime, None
+    server_credentials = tls.server_credentials(settings, identity)
+    runtime = Runtime(
+        settings,
+        Database(settings.database),
+        ClientFactory(settings, credentials=tls.channel_credentials(settings, identity)),
+        identity=lambda name: tls.channel_credentials(settings, name),
     )
+    return runtime, server_credentials
 
 
 async def _wait_for_signal() -> None:
@@ -33,22 +51,36 @@ async def _wait_for_signal() -> None:
 
 
 async def _serve(
-    settings: config.Settings, names: Sequence[str], host: str, port: int, reuse_port: bool
+    settings: config.Settings,
+    names: Sequence[str],
+    identity: str,
+    host: str,
+    port: int,
+    reuse_port: bool,
 ) -> None:
     from learnmesh.server import start_server
 
-    runtime = _runtime(settings)
+    runtime, credentials = _runtime(settings, identity)
     definitions = [definition(name) for name in names]
     try:
         server = await start_server(
-            runtime, definitions, host=host, port=port, reuse_port=reuse_port
+            runtime,
+            definitions,
+            host=host,
+            port=port,
+            credentials=credentials,  # type: ignore[arg-type]
+            reuse_port=reuse_port,
         )
     except OSError as exc:
-        await runtime.db.dispose()
+        await runtime.close()
         raise SystemExit(f"learnmesh: {exc}") from None
+    scheme = "grpcs (mTLS)" if credentials is not None else "grpc (PLAINTEXT)"
     for d in definitions:
-        print(f"{d.full_name:<40} grpc://{server.address}", flush=True)
-    print(f"{'grpc.health.v1.Health, reflection':<40} grpc://{server.address}", flush=True)
+        print(f"{d.full_name:<42} {scheme} {server.address}", flush=True)
+    print(f"{'grpc.health.v1.Health, reflection':<42} {scheme} {server.address}", flush=True)
+    if credentials is not None and not settings.tls.ca_file:
+        directory = tls.certs_dir(settings)
+        print(f"certificates: {directory} (CA: {directory / 'ca.pem'})", flush=True)
     print(f"database: {runtime.db.url.render_as_string(hide_password=True)}", flush=True)
     print("ready; Ctrl-C stops", flush=True)
     try:
@@ -56,8 +88,7 @@ async def _serve(
     finally:
         print("stopping…", flush=True)
         await server.stop(settings.server.grace)
-        await runtime.clients.close()
-        await runtime.db.dispose()
+        await runtime.close()
         print("stopped", flush=True)
 
 
@@ -72,27 +103,70 @@ async def _migrate(settings: config.Settings, names: Sequence[str]) -> None:
         await db.dispose()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _certs(settings: config.Settings, args: argparse.Namespace) -> int:
+    directory = Path(args.dir) if args.dir else tls.certs_dir(settings)
+    domain = settings.tls.trust_domain
+    if args.certs_command == "init":
+        ca = certs.init_ca(directory, domain)
+        print(f"CA: {ca.cert} (key {ca.key}), trust domain {domain}")
+        return 0
+    try:
+        issued = certs.issue(
+            directory,
+            args.name,
+            domain,
+            kind=args.kind,
+            dns=tuple(args.dns or certs.DEFAULT_DNS),
+            ips=tuple(args.ip or certs.DEFAULT_IPS),
+            days=args.days,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"learnmesh: {exc}", file=sys.stderr)
+        return 1
+    print(f"{certs.spiffe_id(domain, args.name, args.kind)}: {issued.cert} (key {issued.key})")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="learnmesh", description="The learnmesh gRPC mesh.")
     parser.add_argument("--config", help="a TOML settings file (default: $LEARNMESH_CONFIG)")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    up = commands.add_parser("up", help="run the whole mesh in this process")
-    up.add_argument("--host", help="listen address (default 127.0.0.1)")
-    up.add_argument("--port", type=int, help="gRPC port (default 50051)")
-
-    serve = commands.add_parser("serve", help="run one service in this process")
-    serve.add_argument("service", choices=sorted(IMPLEMENTED))
-    serve.add_argument("--host", help="listen address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="gRPC port (default 50051)")
-    serve.add_argument(
-        "--reuse-port", action="store_true", help="share the port with replicas (SO_REUSEPORT)"
-    )
+    for name, help_text in (
+        ("up", "run the whole mesh in this process"),
+        ("serve", "run one service in this process"),
+    ):
+        sub = commands.add_parser(name, help=help_text)
+        if name == "serve":
+            sub.add_argument("service", choices=sorted(IMPLEMENTED))
+            sub.add_argument(
+                "--reuse-port", action="store_true", help="share the port with replicas"
+            )
+        sub.add_argument("--host", help="listen address (default 127.0.0.1)")
+        sub.add_argument("--port", type=int, help="gRPC port (default 50051)")
+        sub.add_argument(
+            "--insecure", action="store_true", help="plaintext, no mTLS (development only)"
+        )
 
     migrate = commands.add_parser("migrate", help="bring the database to the newest schema")
     migrate.add_argument("services", nargs="*", help="default: every implemented service")
 
-    args = parser.parse_args(argv)
+    certs_parser = commands.add_parser("certs", help="the mesh CA and its certificates")
+    certs_commands = certs_parser.add_subparsers(dest="certs_command", required=True)
+    for name, help_text in (("init", "make the mesh CA"), ("issue", "issue a certificate")):
+        sub = certs_commands.add_parser(name, help=help_text)
+        sub.add_argument("--dir", help="where the CA and certificates live (default var/certs)")
+        if name == "issue":
+            sub.add_argument("name", help="the holder, e.g. auth or web-client")
+            sub.add_argument("--kind", choices=["service", "client"], default="service")
+            sub.add_argument("--dns", action="append", help="DNS SAN (repeatable)")
+            sub.add_argument("--ip", action="append", help="IP SAN (repeatable)")
+            sub.add_argument("--days", type=int, default=90)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
         settings = config.load(args.config)
     except config.ConfigError as exc:
@@ -101,13 +175,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.command == "certs":
+        return _certs(settings, args)
+    if getattr(args, "insecure", False):
+        settings = dataclasses.replace(
+            settings, tls=dataclasses.replace(settings.tls, enabled=False)
+        )
+    if args.command in ("up", "serve") and not settings.tls.enabled:
+        print(INSECURE_WARNING, file=sys.stderr, flush=True)
     host = getattr(args, "host", None) or settings.server.host
     port = settings.server.port if getattr(args, "port", None) is None else args.port
     with contextlib.suppress(KeyboardInterrupt):
         if args.command == "up":
-            asyncio.run(_serve(settings, list(IMPLEMENTED), host, port, False))
+            asyncio.run(_serve(settings, list(IMPLEMENTED), "mesh", host, port, False))
         elif args.command == "serve":
-            asyncio.run(_serve(settings, [args.service], host, port, args.reuse_port))
+            asyncio.run(_serve(settings, [args.service], args.service, host, port, args.reuse_port))
         else:
             asyncio.run(_migrate(settings, args.services or list(IMPLEMENTED)))
     return 0

@@ -1,18 +1,25 @@
 """The client factory: a typed stub for a service by name, over a shared channel.
 
 Services reach each other only through it, over the network, even inside ``learnmesh up``.
-Channels are made lazily (inside the running event loop) and reused per target; several
-addresses or a DNS name per service are balanced round robin.
+Every channel carries the client chain (request id and trace context, deadline
+propagation, a circuit breaker of its own target), gRPC's native retry policy generated
+from the protos, round-robin balancing over several addresses or a DNS name, and, with
+mTLS, the calling service's certificate. Channels are made lazily, inside the running
+event loop, and reused per target.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any, Literal, overload
 
+import grpc
 from grpc import aio
 
+from interceptors.breaker import CircuitBreaker
+from interceptors.deadline import DeadlinePropagation
+from interceptors.request_id import ClientRequestId
+from interceptors.retry import service_config
 from learnmesh.auth.v1 import auth_pb2_grpc
 from learnmesh.config import Settings
 from learnmesh.course.v1 import course_pb2_grpc
@@ -29,16 +36,18 @@ STUBS: dict[str, Any] = {
     "file": file_pb2_grpc.FileServiceStub,
     "notification": notification_pb2_grpc.NotificationServiceStub,
 }
+FULL_NAMES = {
+    "auth": "learnmesh.auth.v1.AuthService",
+    "user": "learnmesh.user.v1.UserService",
+    "course": "learnmesh.course.v1.CourseService",
+    "file": "learnmesh.file.v1.FileService",
+    "notification": "learnmesh.notification.v1.NotificationService",
+}
 
 
 def target_of(address: str) -> str:
     """``a:1,b:2`` → ``ipv4:a:1,b:2`` (gRPC's static list); others unchanged."""
-    if (
-        "," in address
-        and ":" in address
-        and "://" not in address
-        and not address.startswith(("ipv4:", "ipv6:", "dns:", "unix:"))
-    ):
+    if "," in address and not address.startswith(("ipv4:", "ipv6:", "dns:", "unix:")):
         return "ipv4:" + address
     return address
 
@@ -48,14 +57,23 @@ class ClientFactory:
         self,
         settings: Settings,
         *,
+        credentials: grpc.ChannelCredentials | None = None,
         interceptors: Sequence[aio.ClientInterceptor] = (),
         local_address: str = "",
     ) -> None:
         self.settings = settings
+        self.credentials = credentials
+        # Extra interceptors put before the standard chain (tracing is added by the runtime).
         self.interceptors = list(interceptors)
         # Where this process's own server listens; the default target of every service.
         self.local_address = local_address
         self._channels: dict[str, aio.Channel] = {}
+        self.breakers: dict[str, CircuitBreaker] = {}
+        self._config = service_config(
+            FULL_NAMES.values(),
+            budget_tokens=settings.client.retry_budget_tokens,
+            budget_ratio=settings.client.retry_budget_ratio,
+        )
 
     def address_of(self, service: str) -> str:
         configured: str = getattr(self.settings, f"{service}_address", "")
@@ -63,15 +81,35 @@ class ClientFactory:
             return configured
         return self.local_address or self.settings.address_of(service)
 
+    def _chain(self, target: str) -> list[aio.ClientInterceptor]:
+        client = self.settings.client
+        breaker = self.breakers.get(target)
+        if breaker is None:
+            breaker = self.breakers[target] = CircuitBreaker(
+                target,
+                failures=client.breaker_failures,
+                reset_timeout=client.breaker_reset_timeout,
+                half_open_successes=client.breaker_half_open_successes,
+            )
+        return [
+            *self.interceptors,
+            ClientRequestId(),
+            DeadlinePropagation(self.settings.deadlines.propagation_margin),
+            breaker,
+        ]
+
     def channel(self, service: str) -> aio.Channel:
         target = target_of(self.address_of(service))
         channel = self._channels.get(target)
         if channel is None:
-            options = [
-                ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
-                ("grpc.enable_retries", 1),
-            ]
-            channel = aio.insecure_channel(target, options=options, interceptors=self.interceptors)
+            options = [("grpc.service_config", self._config), ("grpc.enable_retries", 1)]
+            interceptors = self._chain(target)
+            if self.credentials is None:
+                channel = aio.insecure_channel(target, options, interceptors=interceptors)
+            else:
+                channel = aio.secure_channel(
+                    target, self.credentials, options, interceptors=interceptors
+                )
             self._channels[target] = channel
         return channel
 

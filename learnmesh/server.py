@@ -7,13 +7,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from interceptors.auth import AccessPolicy, JwksCache, TokenVerifier
 from interceptors.chain import ServerChain, ServerLink
+from interceptors.deadline import Deadline
 from interceptors.errors import ErrorMapping
+from interceptors.identity import PeerIdentity
 from interceptors.request_id import RequestId
 from interceptors.validation import Validation
 from learnmesh.auth.v1 import auth_pb2
@@ -35,15 +38,21 @@ def jwks_fetcher(runtime: Runtime) -> Any:
     return fetch
 
 
-def server_links(runtime: Runtime, owner_resolvers: dict[str, Any]) -> list[ServerLink]:
+def server_links(
+    runtime: Runtime, owner_resolvers: dict[str, Any], *, tls: bool
+) -> list[ServerLink]:
     """The server chain, outermost first (ARCHITECTURE.md, "Call path")."""
-    auth = runtime.settings.auth
+    settings = runtime.settings
     verifier = TokenVerifier(
-        JwksCache(jwks_fetcher(runtime)), issuer=auth.issuer, audience=auth.audience
+        JwksCache(jwks_fetcher(runtime)),
+        issuer=settings.auth.issuer,
+        audience=settings.auth.audience,
     )
     return [
         RequestId(),
         ErrorMapping(),
+        Deadline(settings.deadlines.default, settings.deadlines.cap, settings.method_deadlines),
+        PeerIdentity(settings.tls.trust_domain, tls=tls, extra_callers=settings.tls.callers),
         AccessPolicy(verifier, owner_resolvers),
         Validation(),
     ]
@@ -79,23 +88,37 @@ async def start_server(
     *,
     host: str,
     port: int,
+    credentials: grpc.ServerCredentials | None = None,
     reuse_port: bool = False,
 ) -> MeshServer:
-    """Migrates, builds and starts ``definitions`` on ``host:port`` (0 picks a free port)."""
+    """Migrates, builds and starts ``definitions`` on ``host:port`` (0 picks a free port),
+    with mTLS when ``credentials`` are given."""
     for definition in definitions:
         await runtime.db.migrate(definition.name, definition.migrations)
-    servicers: dict[str, Any] = {}
+    # Filled below, once the servicers exist; the access link reads it at call time.
     resolvers: dict[str, Any] = {}
-    for definition in definitions:
-        servicer = await definition.create(runtime)
-        servicers[definition.name] = servicer
-        resolvers.update(definition.owner_resolvers(servicer))
     server = aio.server(
-        interceptors=[ServerChain(server_links(runtime, resolvers))],
+        interceptors=[ServerChain(server_links(runtime, resolvers, tls=credentials is not None))],
         options=[("grpc.so_reuseport", 1 if reuse_port else 0)],
     )
+    try:
+        if credentials is None:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        else:
+            bound = server.add_secure_port(f"{host}:{port}", credentials)
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}: the address is in use or not local")
+    if not runtime.clients.local_address:
+        dial = "127.0.0.1" if host in ("", "0.0.0.0", "::", "[::]") else host  # noqa: S104
+        runtime.clients.local_address = f"{dial}:{bound}"
+    servicers: dict[str, Any] = {}
     for definition in definitions:
-        definition.add_to_server(servicers[definition.name], server)
+        servicer = await definition.create(runtime.for_service(definition.name))
+        servicers[definition.name] = servicer
+        resolvers.update(definition.owner_resolvers(servicer))
+        definition.add_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [d.full_name for d in definitions]
@@ -107,16 +130,7 @@ async def start_server(
         ],
         server,
     )
-    try:
-        bound = server.add_insecure_port(f"{host}:{port}")
-    except RuntimeError:
-        bound = 0
-    if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}: the address is in use or not local")
     await server.start()
-    if not runtime.clients.local_address:
-        dial = "127.0.0.1" if host in ("", "0.0.0.0", "::", "[::]") else host  # noqa: S104
-        runtime.clients.local_address = f"{dial}:{bound}"
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return MeshServer(server, health_servicer, bound, host, list(definitions), servicers)

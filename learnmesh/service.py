@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import grpc
 from grpc import aio
 
 if TYPE_CHECKING:
@@ -27,6 +28,30 @@ class Runtime:
     settings: Settings
     db: Database
     clients: ClientFactory
+    # With mTLS: the certificate each service presents on its outbound calls, by name.
+    identity: Callable[[str], grpc.ChannelCredentials] | None = None
+    _children: list[ClientFactory] = field(default_factory=list)
+
+    def for_service(self, name: str) -> Runtime:
+        """The runtime one service is built with: its outbound calls carry its identity."""
+        if self.identity is None:
+            return self
+        from learnmesh.client import ClientFactory
+
+        clients = ClientFactory(
+            self.settings,
+            credentials=self.identity(name),
+            interceptors=self.clients.interceptors,
+            local_address=self.clients.local_address,
+        )
+        self._children.append(clients)
+        return Runtime(self.settings, self.db, clients)
+
+    async def close(self) -> None:
+        """Closes every channel and the database."""
+        for clients in [self.clients, *self._children]:
+            await clients.close()
+        await self.db.dispose()
 
 
 @dataclass(frozen=True)
