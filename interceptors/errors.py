@@ -99,7 +99,7 @@ async def map_exception(exc: BaseException, context: aio.ServicerContext, method
         log.warning("%s: upstream call failed: %s %s", method, exc.code().name, exc.details())
         status = status_pb2.Status(
             code=exc.code().value[0],
-            message=f"a service this call depends on answered {exc.code().name}",
+            message=f"a call this one depends on ended with {exc.code().name}",
         )
         await abort_with(context, status)
     log.error("%s failed", method, exc_info=exc)

@@ -8,6 +8,7 @@ deadline they saw and whether they were cancelled. They exist only in tests.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,8 @@ class Script:
     fail_times: int = 0
     fail_code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE
     delay: float = 0.0
+    # Sent with scripted failures as grpc-retry-pushback-ms (server pushback), when set.
+    pushback_ms: int | None = None
     # Recorded:
     calls: int = 0
     deadlines: list[float | None] = field(default_factory=list)
@@ -47,7 +50,10 @@ class CourseDouble(course_pb2_grpc.CourseServiceServicer):
         s.metadata.append({k: str(v) for k, v in context.invocation_metadata() or ()})
         if s.fail_times > 0:
             s.fail_times -= 1
-            await context.abort(s.fail_code, "scripted failure")
+            trailers = (
+                () if s.pushback_ms is None else (("grpc-retry-pushback-ms", str(s.pushback_ms)),)
+            )
+            await context.abort(s.fail_code, "scripted failure", trailers)
         if s.delay:
             try:
                 await asyncio.sleep(s.delay)
@@ -72,9 +78,11 @@ class CourseDouble(course_pb2_grpc.CourseServiceServicer):
         return course_pb2.EnrollResponse(enrollment_id=COURSE_ID)
 
     async def ListCourses(self, request: Any, context: aio.ServicerContext) -> Any:
-        await self._run(context)
+        """Not scripted: reports what the double recorded (for doubles in another process)."""
+        s = self.script
+        stats = {"calls": s.calls, "cancelled": s.cancelled, "deadlines": s.deadlines}
         return course_pb2.ListCoursesResponse(
-            courses=[course_pb2.Course(id=COURSE_ID, title="Intro")]
+            courses=[course_pb2.Course(id=COURSE_ID, title=json.dumps(stats))]
         )
 
 

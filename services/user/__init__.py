@@ -1,0 +1,30 @@
+"""The user service: profiles, preferences, roles (learnmesh.user.v1.UserService)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from learnmesh.service import ServiceDefinition
+from learnmesh.user.v1 import user_pb2_grpc
+
+if TYPE_CHECKING:
+    from learnmesh.service import Runtime
+    from services.user.servicer import UserServicer
+
+
+async def create(runtime: Runtime) -> UserServicer:
+    """Builds the servicer (imported here so that importing the package stays light)."""
+    from services.user.profiles import Profiles
+    from services.user.servicer import UserServicer
+
+    return UserServicer(Profiles(runtime.db, runtime.settings), runtime.clients)
+
+
+SERVICE = ServiceDefinition(
+    name="user",
+    full_name="learnmesh.user.v1.UserService",
+    add_to_server=user_pb2_grpc.add_UserServiceServicer_to_server,
+    create=create,
+    migrations=Path(__file__).parent / "migrations",
+)

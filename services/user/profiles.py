@@ -1,0 +1,391 @@
+"""The user service's rules: profiles, the update mask, roles, listing and deletion.
+
+Plain Python in and out (roles, tiers, themes and channels by lower-case name), so the
+rules read without protobuf; ``servicer.py`` converts. Every change runs in one
+transaction with the audit row that describes it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import hashlib
+import json
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from learnmesh import audit
+from learnmesh.config import Settings
+from learnmesh.db import Database
+from learnmesh.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+)
+from services.user import store
+
+ADMIN = "admin"
+DEFAULT_ROLE = "free_user"
+DEFAULT_TIER = "free"
+DEFAULT_PAGE_SIZE = 20
+
+# UpdateMe's mask paths (names of ProfileUpdate's fields) and what each replaces.
+PREFERENCE_PATHS = {
+    "preferences.theme": "theme",
+    "preferences.language": "language",
+    "preferences.notification_channels": "notification_channels",
+}
+UPDATABLE_PATHS = ("display_name", "bio", "preferences", *PREFERENCE_PATHS)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MICROSECOND = timedelta(microseconds=1)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(moment: datetime) -> datetime:
+    """SQLite hands back naive datetimes (stored in UTC); PostgreSQL aware ones."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class Preferences:
+    theme: str = "system"
+    language: str = "en"
+    notification_channels: tuple[str, ...] = ("in_app", "email")
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "theme": self.theme,
+                "language": self.language,
+                "notification_channels": list(self.notification_channels),
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Preferences:
+        data = json.loads(text or "{}")
+        default = cls()
+        return cls(
+            theme=str(data.get("theme", default.theme)),
+            language=str(data.get("language", default.language)),
+            notification_channels=tuple(
+                str(c) for c in data.get("notification_channels", default.notification_channels)
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class Profile:
+    id: str
+    email: str
+    display_name: str
+    avatar_url: str
+    bio: str
+    role: str
+    tier: str
+    preferences: Preferences
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, row: store.ProfileRow) -> Profile:
+        return cls(
+            id=row.id,
+            email=row.email,
+            display_name=row.display_name,
+            avatar_url=row.avatar_url,
+            bio=row.bio,
+            role=row.role,
+            tier=row.tier,
+            preferences=Preferences.from_json(row.preferences),
+            created_at=as_utc(row.created_at),
+            updated_at=as_utc(row.updated_at),
+        )
+
+
+@dataclass(frozen=True)
+class ProfileChanges:
+    """What UpdateMe carries; only the fields named by the mask are applied.
+
+    An unset enum arrives as "" (theme) and is refused where the mask names it.
+    """
+
+    display_name: str = ""
+    bio: str = ""
+    preferences: Preferences = field(default_factory=Preferences)
+
+
+@dataclass(frozen=True)
+class Page:
+    profiles: list[Profile]
+    next_page_token: str
+
+
+@dataclass(frozen=True)
+class AvatarFile:
+    """What the file service says about a file offered as an avatar."""
+
+    id: str
+    owner_id: str
+    purpose: str  # "avatar", "course_material", …
+    content_type: str
+
+
+# Looks a file up in the file service on behalf of the caller (raises domain errors).
+FileLookup = Callable[[str], Awaitable[AvatarFile]]
+
+
+def _fingerprint(*parts: str) -> str:
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
+
+
+def encode_page_token(last: Profile, role: str, text: str) -> str:
+    """Opaque cursor: the last row's (created_at, id) and a fingerprint binding them to the
+    filters, so a token replayed with other filters (or edited) is recognised."""
+    micros = (last.created_at - EPOCH) // MICROSECOND
+    payload = {"t": micros, "i": last.id, "f": _fingerprint(str(micros), last.id, role, text)}
+    raw = json.dumps(payload, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_page_token(token: str, role: str, text: str) -> tuple[datetime, str]:
+    refused = InvalidArgument.field(
+        "page_token",
+        "not a next_page_token of this listing with these filters; start again without one",
+    )
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        payload = json.loads(raw)
+        micros, last_id, fingerprint = payload["t"], payload["i"], payload["f"]
+        if not isinstance(micros, int) or not isinstance(last_id, str):
+            raise refused
+        uuid.UUID(last_id)
+        created_at = EPOCH + micros * MICROSECOND
+    except (binascii.Error, ValueError, TypeError, KeyError, OverflowError):
+        raise refused from None
+    if fingerprint != _fingerprint(str(micros), last_id, role, text):
+        raise refused
+    return created_at, last_id
+
+
+class Profiles:
+    """The rules of the user service over its store."""
+
+    def __init__(self, db: Database, settings: Settings) -> None:
+        self.db = db
+        self.settings = settings
+
+    async def create(self, user_id: str, email: str, display_name: str) -> Profile:
+        """Creates a profile; a retry with the same id and email returns it unchanged."""
+        email = email.strip().lower()
+        try:
+            async with self.db.transaction() as session:
+                existing = await self._retry_or_conflict(session, user_id, email)
+                if existing is not None:
+                    return existing
+                now = utcnow()
+                role = ADMIN if email in self.settings.user.admins else DEFAULT_ROLE
+                row = store.ProfileRow(
+                    id=user_id,
+                    email=email,
+                    display_name=display_name,
+                    avatar_url="",
+                    bio="",
+                    role=role,
+                    tier=DEFAULT_TIER,
+                    preferences=Preferences().to_json(),
+                    created_at=now,
+                    updated_at=now,
+                )
+                await store.add(session, row)
+                await audit.record(session, store.user_audit, "user.created", user_id, role=role)
+                return Profile.of(row)
+        except IntegrityError:
+            pass
+        # A concurrent call inserted the same id or email first: answer as a retry would.
+        async with self.db.transaction() as session:
+            existing = await self._retry_or_conflict(session, user_id, email)
+        if existing is None:  # the other row is gone again; a retry will succeed
+            raise AlreadyExists("a user with this id or email was being created; retry")
+        return existing
+
+    @staticmethod
+    async def _retry_or_conflict(session: AsyncSession, user_id: str, email: str) -> Profile | None:
+        """The existing profile if this is a retry; ALREADY_EXISTS if the id or the email
+        belongs to another profile; None when both are free."""
+        by_id = await store.get(session, user_id)
+        if by_id is not None:
+            if by_id.email == email:
+                return Profile.of(by_id)
+            raise AlreadyExists("a user with this id already exists", reason="USER_EXISTS")
+        if await store.by_email(session, email) is not None:
+            raise AlreadyExists("a user with this email already exists", reason="EMAIL_TAKEN")
+        return None
+
+    async def get(self, user_id: str) -> Profile:
+        async with self.db.transaction() as session:
+            row = await store.get(session, user_id)
+            if row is None:
+                raise NotFound(f"no user {user_id}")
+            return Profile.of(row)
+
+    async def batch_get(self, user_ids: Sequence[str]) -> list[Profile]:
+        """Profiles in the order asked, each once; unknown ids left out."""
+        wanted = list(dict.fromkeys(user_ids))
+        async with self.db.transaction() as session:
+            rows = {row.id: Profile.of(row) for row in await store.many(session, wanted)}
+        return [rows[i] for i in wanted if i in rows]
+
+    async def update(self, user_id: str, changes: ProfileChanges, paths: Iterable[str]) -> Profile:
+        """Applies the fields named by ``paths`` (UpdateMe's mask) and nothing else."""
+        masked = list(dict.fromkeys(paths))
+        if not masked:
+            raise InvalidArgument.field(
+                "update_mask", "name at least one field to change: " + ", ".join(UPDATABLE_PATHS)
+            )
+        unknown = [p for p in masked if p not in UPDATABLE_PATHS]
+        if unknown:
+            raise InvalidArgument(
+                [
+                    FieldViolation(
+                        "update_mask",
+                        f"{p!r} cannot be changed; allowed: {', '.join(UPDATABLE_PATHS)}",
+                    )
+                    for p in unknown
+                ]
+            )
+        self._check_masked_values(changes, masked)
+        async with self.db.transaction() as session:
+            row = await store.get(session, user_id, for_update=True)
+            if row is None:
+                raise NotFound(f"no user {user_id}")
+            if "display_name" in masked:
+                row.display_name = changes.display_name
+            if "bio" in masked:
+                row.bio = changes.bio
+            preferences = Preferences.from_json(row.preferences)
+            if "preferences" in masked:
+                preferences = changes.preferences
+            else:
+                updated = {
+                    attribute: getattr(changes.preferences, attribute)
+                    for path, attribute in PREFERENCE_PATHS.items()
+                    if path in masked
+                }
+                preferences = dataclasses.replace(preferences, **updated)
+            row.preferences = preferences.to_json()
+            row.updated_at = utcnow()
+            await session.flush()
+            return Profile.of(row)
+
+    @staticmethod
+    def _check_masked_values(changes: ProfileChanges, masked: list[str]) -> None:
+        """Values the proto's rules let through because they are empty, but that a masked
+        field may not be set to (the proto ignores empty values so unmasked ones pass)."""
+        violations = []
+        if "display_name" in masked and not changes.display_name.strip():
+            violations.append(
+                FieldViolation("profile.display_name", "must be 2 to 50 characters, not empty")
+            )
+        whole = "preferences" in masked
+        if (whole or "preferences.theme" in masked) and not changes.preferences.theme:
+            violations.append(
+                FieldViolation("profile.preferences.theme", "choose light, dark or system")
+            )
+        if (whole or "preferences.language" in masked) and not changes.preferences.language:
+            violations.append(
+                FieldViolation("profile.preferences.language", "an ISO 639-1 code such as en")
+            )
+        if violations:
+            raise InvalidArgument(violations)
+
+    async def page(self, *, page_size: int | None, page_token: str, role: str, text: str) -> Page:
+        """Newest first, one page; next_page_token is empty on the last page."""
+        size = DEFAULT_PAGE_SIZE if page_size is None else page_size
+        after = decode_page_token(page_token, role, text) if page_token else None
+        async with self.db.transaction() as session:
+            rows = await store.page(session, limit=size + 1, after=after, role=role, text=text)
+        profiles = [Profile.of(row) for row in rows[:size]]
+        more = len(rows) > size
+        token = encode_page_token(profiles[-1], role, text) if more and profiles else ""
+        return Page(profiles, token)
+
+    async def set_role(self, user_id: str, role: str, *, actor: str) -> Profile:
+        """Gives ``user_id`` the role; never leaves the platform without an admin."""
+        async with self.db.transaction() as session:
+            admins = await store.lock_ids_with_role(session, ADMIN)
+            row = await store.get(session, user_id, for_update=True)
+            if row is None:
+                raise NotFound(f"no user {user_id}")
+            old = row.role
+            if old == role:
+                return Profile.of(row)
+            if old == ADMIN and admins == [user_id]:
+                raise FailedPrecondition(
+                    "this user is the last admin; make another user admin first",
+                    reason="LAST_ADMIN",
+                )
+            row.role = role
+            row.updated_at = utcnow()
+            await session.flush()
+            await audit.record(
+                session, store.user_audit, "role.changed", user_id, actor=actor, old=old, new=role
+            )
+            return Profile.of(row)
+
+    async def delete(self, user_id: str, *, actor: str) -> None:
+        """Deletes the profile (the last admin's only once another admin exists)."""
+        async with self.db.transaction() as session:
+            admins = await store.lock_ids_with_role(session, ADMIN)
+            row = await store.get(session, user_id, for_update=True)
+            if row is None:
+                raise NotFound(f"no user {user_id}")
+            if row.role == ADMIN and admins == [user_id]:
+                raise FailedPrecondition(
+                    "this user is the last admin; make another user admin first",
+                    reason="LAST_ADMIN",
+                )
+            await store.remove(session, user_id)
+            await audit.record(
+                session,
+                store.user_audit,
+                "user.deleted",
+                user_id,
+                actor=actor,
+                self_service=actor == user_id,
+            )
+
+    async def set_avatar(self, user_id: str, file_id: str, lookup: FileLookup) -> Profile:
+        """Makes the caller's own uploaded image (purpose avatar) their avatar."""
+        found = await lookup(file_id)
+        if found.owner_id != user_id:
+            # An admin may read others' files, but an avatar must be one's own upload.
+            raise NotFound(f"no file {file_id} of yours")
+        if found.purpose != "avatar":
+            raise FailedPrecondition(
+                "the file was not uploaded as an avatar (purpose avatar)", reason="NOT_AN_AVATAR"
+            )
+        if not found.content_type.startswith("image/"):
+            raise FailedPrecondition("an avatar must be an image", reason="NOT_AN_IMAGE")
+        async with self.db.transaction() as session:
+            row = await store.get(session, user_id, for_update=True)
+            if row is None:
+                raise NotFound(f"no user {user_id}")
+            row.avatar_url = f"/api/v1/files/{file_id}/content"
+            row.updated_at = utcnow()
+            await session.flush()
+            return Profile.of(row)
