@@ -13,9 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from learnmesh import certs, config, tls
-from learnmesh.client import ClientFactory
 from learnmesh.db import Database
-from learnmesh.service import IMPLEMENTED, Runtime, definition
+from learnmesh.service import IMPLEMENTED, definition
 
 log = logging.getLogger("learnmesh")
 
@@ -25,21 +24,6 @@ INSECURE_WARNING = """\
 * reach this port can call internal methods and read every message.    *
 * Use only on a developer machine.                                     *
 ************************************************************************"""
-
-
-def _runtime(settings: config.Settings, identity: str) -> tuple[Runtime, object]:
-    """The process runtime and the server credentials (None without TLS)."""
-    if not settings.tls.enabled:
-        runtime = Runtime(settings, Database(settings.database), ClientFactory(settings))
-        return runtime, None
-    server_credentials = tls.server_credentials(settings, identity)
-    runtime = Runtime(
-        settings,
-        Database(settings.database),
-        ClientFactory(settings, credentials=tls.channel_credentials(settings, identity)),
-        identity=lambda name: tls.channel_credentials(settings, name),
-    )
-    return runtime, server_credentials
 
 
 async def _wait_for_signal() -> None:
@@ -58,9 +42,9 @@ async def _serve(
     port: int,
     reuse_port: bool,
 ) -> None:
-    from learnmesh.server import start_server
+    from learnmesh.server import build_runtime, start_server
 
-    runtime, credentials = _runtime(settings, identity)
+    runtime, credentials = build_runtime(settings, identity)
     definitions = [definition(name) for name in names]
     try:
         server = await start_server(
@@ -68,7 +52,7 @@ async def _serve(
             definitions,
             host=host,
             port=port,
-            credentials=credentials,  # type: ignore[arg-type]
+            credentials=credentials,
             reuse_port=reuse_port,
         )
     except OSError as exc:

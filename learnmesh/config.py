@@ -187,6 +187,9 @@ class LimitSettings:
     register_per_hour: int = field(default=10, metadata=_check(_positive))
     password_reset_per_minute: int = field(default=3, metadata=_check(_positive))
     password_reset_per_hour: int = field(default=10, metadata=_check(_positive))
+    # Prefix of the rate-limit keys in Redis (with redis_url set); processes sharing a
+    # prefix share their limits, so two meshes on one Redis need different prefixes.
+    redis_prefix: str = "learnmesh:rl:"
 
 
 @dataclass(frozen=True)

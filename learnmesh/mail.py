@@ -36,8 +36,8 @@ def build_message(
 
 
 def _deliver(path: Path, message: EmailMessage) -> str:
-    # Mail may carry reset links: keep the Maildir private to the service's user.
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Maildir makes its folders with mode 0700: mail may carry reset links.
+    path.parent.mkdir(parents=True, exist_ok=True)
     box = mailbox.Maildir(path, create=True)
     try:
         return box.add(message)

@@ -19,10 +19,31 @@ from interceptors.errors import ErrorMapping
 from interceptors.identity import PeerIdentity
 from interceptors.request_id import RequestId
 from interceptors.validation import Validation
+from learnmesh import tls
 from learnmesh.auth.v1 import auth_pb2
+from learnmesh.client import ClientFactory
+from learnmesh.config import Settings
+from learnmesh.db import Database
 from learnmesh.service import Runtime, ServiceDefinition
 
 log = logging.getLogger("learnmesh.server")
+
+
+def build_runtime(
+    settings: Settings, identity: str
+) -> tuple[Runtime, grpc.ServerCredentials | None]:
+    """The process runtime, and server credentials when mTLS is on (``identity`` names the
+    certificate the server presents; each service's outbound calls present its own)."""
+    db = Database(settings.database)
+    if not settings.tls.enabled:
+        return Runtime(settings, db, ClientFactory(settings)), None
+    runtime = Runtime(
+        settings,
+        db,
+        ClientFactory(settings, credentials=tls.channel_credentials(settings, identity)),
+        identity=lambda name: tls.channel_credentials(settings, name),
+    )
+    return runtime, tls.server_credentials(settings, identity)
 
 
 def jwks_fetcher(runtime: Runtime) -> Any:

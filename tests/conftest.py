@@ -11,19 +11,18 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import grpc
 import pytest
 from grpc import aio
 
-from learnmesh import config
+from learnmesh import certs, config, tls
 from learnmesh.auth.v1 import auth_pb2, auth_pb2_grpc
-from learnmesh.client import ClientFactory
-from learnmesh.db import Database
-from learnmesh.server import MeshServer, start_server
+from learnmesh.server import MeshServer, build_runtime, start_server
 from learnmesh.service import Runtime, definition
 from learnmesh.user.v1 import user_pb2_grpc
 
@@ -87,8 +86,36 @@ class Mesh:
 
     server: MeshServer
     runtime: Runtime
+    # With mTLS, this channel presents the client certificate spiffe://…/client/tests.
     channel: aio.Channel
     settings: config.Settings
+    extra_channels: list[aio.Channel] = field(default_factory=list)
+    _as: dict[tuple[str, str], aio.Channel] = field(default_factory=dict)
+
+    def user_as(self, service: str) -> user_pb2_grpc.UserServiceStub:
+        """The user service as mesh service ``service`` calls it (for internal methods)."""
+        return user_pb2_grpc.UserServiceStub(self.channel_as(service))
+
+    def auth_as(self, service: str) -> auth_pb2_grpc.AuthServiceStub:
+        return auth_pb2_grpc.AuthServiceStub(self.channel_as(service))
+
+    def channel_as(self, name: str, kind: str = "service") -> aio.Channel:
+        """A channel presenting a certificate of ``name`` issued by the mesh's CA (the plain
+        test channel when the mesh runs without TLS)."""
+        if not self.settings.tls.enabled:
+            return self.channel
+        if (name, kind) in self._as:
+            return self._as[(name, kind)]
+        directory = tls.certs_dir(self.settings)
+        issued = certs.issue(directory, name, self.settings.tls.trust_domain, kind=kind)
+        key, cert = issued.read()
+        credentials = grpc.ssl_channel_credentials(
+            (directory / "ca.pem").read_bytes(), private_key=key, certificate_chain=cert
+        )
+        channel = aio.secure_channel(self.server.address, credentials)
+        self.extra_channels.append(channel)
+        self._as[(name, kind)] = channel
+        return channel
 
     @property
     def auth(self) -> auth_pb2_grpc.AuthServiceStub:
@@ -118,21 +145,28 @@ class Mesh:
 async def running_mesh(
     settings: config.Settings, services: Sequence[str] = ("auth", "user")
 ) -> AsyncIterator[Mesh]:
-    """Starts ``services`` in this process on an ephemeral port; stops them afterwards."""
-    runtime = Runtime(
-        settings=settings, db=Database(settings.database), clients=ClientFactory(settings)
-    )
+    """Starts ``services`` in this process on an ephemeral port, as `learnmesh up` does
+    (mTLS when settings.tls.enabled); stops them afterwards."""
+    runtime, credentials = build_runtime(settings, "mesh")
     server = await start_server(
-        runtime, [definition(name) for name in services], host="127.0.0.1", port=0
+        runtime,
+        [definition(name) for name in services],
+        host="127.0.0.1",
+        port=0,
+        credentials=credentials,
     )
-    channel = aio.insecure_channel(server.address)
+    mesh = Mesh(server, runtime, aio.insecure_channel(server.address), settings)
+    if credentials is not None:
+        await mesh.channel.close()
+        mesh.channel = mesh.channel_as("tests", kind="client")
+        mesh.extra_channels.remove(mesh.channel)
     try:
-        yield Mesh(server, runtime, channel, settings)
+        yield mesh
     finally:
-        await channel.close()
+        for channel in [mesh.channel, *mesh.extra_channels]:
+            await channel.close()
         await server.stop(0)
-        await runtime.clients.close()
-        await runtime.db.dispose()
+        await runtime.close()
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:

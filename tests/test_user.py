@@ -82,7 +82,9 @@ async def audit_rows(mesh: Mesh, subject: str, event: str | None = None) -> list
 
 
 async def exists(mesh: Mesh, user_id: str) -> bool:
-    found = await mesh.user.BatchGetUsers(user_pb2.BatchGetUsersRequest(user_ids=[user_id]))
+    found = await mesh.user_as("auth").BatchGetUsers(
+        user_pb2.BatchGetUsersRequest(user_ids=[user_id])
+    )
     return [u.id for u in found.users] == [user_id]
 
 
@@ -641,12 +643,12 @@ async def test_set_avatar_without_a_file_service_is_unavailable(
 async def test_create_user_is_idempotent_and_emails_are_unique(mesh: Mesh) -> None:
     user_id, email = str(uuid.uuid4()), new_email("Mixed.Case")
     request = user_pb2.CreateUserRequest(user_id=user_id, email=email, display_name="First")
-    created = (await mesh.user.CreateUser(request)).user
+    created = (await mesh.user_as("auth").CreateUser(request)).user
     assert created.email == email.lower()
 
     # A retry (even with the email in other case, or another name) returns it unchanged.
     retried = (
-        await mesh.user.CreateUser(
+        await mesh.user_as("auth").CreateUser(
             user_pb2.CreateUserRequest(user_id=user_id, email=email.upper(), display_name="Second")
         )
     ).user
@@ -654,7 +656,7 @@ async def test_create_user_is_idempotent_and_emails_are_unique(mesh: Mesh) -> No
 
     # The email (in any case) under another id.
     err = await refused(
-        mesh.user.CreateUser(
+        mesh.user_as("auth").CreateUser(
             user_pb2.CreateUserRequest(
                 user_id=str(uuid.uuid4()), email=email.upper(), display_name="Thief"
             )
@@ -664,7 +666,7 @@ async def test_create_user_is_idempotent_and_emails_are_unique(mesh: Mesh) -> No
     assert "email" in (err.details() or "")
     # The id with another email.
     await refused(
-        mesh.user.CreateUser(
+        mesh.user_as("auth").CreateUser(
             user_pb2.CreateUserRequest(user_id=user_id, email=new_email(), display_name="Other")
         ),
         grpc.StatusCode.ALREADY_EXISTS,
@@ -678,13 +680,13 @@ async def test_create_user_refuses_end_user_tokens_and_writes_nothing(
     user_id = str(uuid.uuid4())
     request = user_pb2.CreateUserRequest(user_id=user_id, email=new_email(), display_name="Eve")
     await refused(
-        mesh.user.CreateUser(request, metadata=bearer(alice.access_token)),
+        mesh.user_as("auth").CreateUser(request, metadata=bearer(alice.access_token)),
         grpc.StatusCode.PERMISSION_DENIED,
     )
     assert not await exists(mesh, user_id)
     assert await audit_rows(mesh, user_id) == []
     await refused(
-        mesh.user.BatchGetUsers(
+        mesh.user_as("auth").BatchGetUsers(
             user_pb2.BatchGetUsersRequest(user_ids=[alice.user.id]),
             metadata=bearer(alice.access_token),
         ),
@@ -694,7 +696,7 @@ async def test_create_user_refuses_end_user_tokens_and_writes_nothing(
 
 async def test_create_user_refuses_bad_input(mesh: Mesh) -> None:
     err = await refused(
-        mesh.user.CreateUser(
+        mesh.user_as("auth").CreateUser(
             user_pb2.CreateUserRequest(
                 user_id=str(uuid.uuid4()), email="not an email", display_name="Eve"
             )
@@ -709,12 +711,12 @@ async def test_batch_get_users_keeps_order_and_skips_unknown_ids(
 ) -> None:
     unknown = str(uuid.uuid4())
     ids = [bob.user.id, unknown, alice.user.id, bob.user.id]
-    found = await mesh.user.BatchGetUsers(user_pb2.BatchGetUsersRequest(user_ids=ids))
+    found = await mesh.user_as("auth").BatchGetUsers(user_pb2.BatchGetUsersRequest(user_ids=ids))
     assert [u.id for u in found.users] == [bob.user.id, alice.user.id]
     assert found.users[0].email == bob.user.email
 
     err = await refused(
-        mesh.user.BatchGetUsers(user_pb2.BatchGetUsersRequest(user_ids=[])),
+        mesh.user_as("auth").BatchGetUsers(user_pb2.BatchGetUsersRequest(user_ids=[])),
         grpc.StatusCode.INVALID_ARGUMENT,
     )
     assert list(violations(err)) == ["user_ids"]

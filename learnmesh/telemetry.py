@@ -1,0 +1,278 @@
+"""Process-wide telemetry set-up: the OpenTelemetry tracer provider and JSON logging.
+
+``setup_tracing`` follows the standard ``OTEL_*`` variables, with one deliberate difference:
+an unset ``OTEL_TRACES_EXPORTER`` means no exporter (the specification's default is otlp),
+so a fresh ``learnmesh up`` does not spam connection errors at a collector nobody runs.
+Spans are still made and sampled (trace ids appear in logs and travel to other services).
+
+``setup_logging`` writes one JSON object per line, each carrying the current call's request
+id and trace/span ids, so every line written while serving a call can be tied to it. Lines
+are formatted where they are logged (the call's context is there) and written by a thread
+of their own, so a slow terminal or pipe never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json as jsonlib
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from queue import SimpleQueue
+from typing import IO, Any
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import SERVICE_NAME, OTELResourceDetector, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+from learnmesh.config import ConfigError
+from learnmesh.principal import call_info
+
+EXPORTERS = ("otlp", "console", "none")
+# How soon the console exporter prints a finished span (ms), unless OTEL_BSP_SCHEDULE_DELAY
+# says otherwise: quick enough for a person watching `learnmesh up`.
+CONSOLE_DELAY_MS = 200
+
+
+def _exporter_names(env: Mapping[str, str]) -> list[str]:
+    raw = env.get("OTEL_TRACES_EXPORTER", "")
+    names = [name.strip().lower() for name in raw.split(",") if name.strip()]
+    for name in names:
+        if name not in EXPORTERS:
+            raise ConfigError(
+                f"OTEL_TRACES_EXPORTER: {name!r} is not supported; use {', '.join(EXPORTERS)}"
+            )
+    return [name for name in names if name != "none"]
+
+
+def _otlp_processor(env: Mapping[str, str]) -> BatchSpanProcessor:
+    protocol = (
+        env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+    ) or "grpc"
+    if protocol.strip().lower() != "grpc":
+        raise ConfigError(
+            f"OTEL_EXPORTER_OTLP_PROTOCOL: {protocol!r} is not supported; learnmesh exports "
+            "OTLP over gRPC (grpc)"
+        )
+    # Imported here: the exporter pulls in a lot that a process without OTLP never needs.
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    # It reads OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT, _HEADERS, _CERTIFICATE, … itself.
+    return BatchSpanProcessor(OTLPSpanExporter())
+
+
+def _console_processor(env: Mapping[str, str]) -> BatchSpanProcessor:
+    delay = None if env.get("OTEL_BSP_SCHEDULE_DELAY") else CONSOLE_DELAY_MS
+    # Batched: the exporter's thread prints, never the event loop.
+    return BatchSpanProcessor(ConsoleSpanExporter(), schedule_delay_millis=delay)
+
+
+def setup_tracing(service_name: str, *, set_global: bool = True) -> TracerProvider:
+    """The SDK tracer provider the ``OTEL_*`` variables describe.
+
+    Sampler: OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG (read by the SDK; default
+    parentbased_always_on). Exporter: OTEL_TRACES_EXPORTER = otlp (OTLP/gRPC, batched),
+    console (batched, printed within CONSOLE_DELAY_MS), none or unset (no exporter).
+    Resource: service.name = ``service_name`` unless OTEL_SERVICE_NAME or
+    OTEL_RESOURCE_ATTRIBUTES name one. Call ``shutdown()`` on the result at exit to flush
+    (the SDK also does at interpreter exit). Raises ConfigError for unsupported values.
+    """
+    env = os.environ
+    names = _exporter_names(env)
+    from_env = OTELResourceDetector().detect().attributes
+    resource = Resource.create({SERVICE_NAME: service_name, **from_env})
+    provider = TracerProvider(resource=resource)
+    for name in names:
+        if name == "otlp":
+            provider.add_span_processor(_otlp_processor(env))
+        elif name == "console":
+            provider.add_span_processor(_console_processor(env))
+    if set_global:
+        trace.set_tracer_provider(provider)
+    return provider
+
+
+# --- logging -------------------------------------------------------------------------------
+
+# Attributes every LogRecord has; anything else on a record is an "extra" field to emit.
+_RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message",
+    "asctime",
+    "taskName",
+    "request_id",
+    "trace_id",
+    "span_id",
+}
+
+
+class _Clock:
+    """ISO-8601 UTC times with milliseconds; the seconds part is reused within one second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def iso(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return f"{self._prefix}.{int((created - second) * 1000):03d}Z"
+
+
+def call_ids() -> tuple[str, str, str]:
+    """(request id, trace id, span id) of the current call and span; empty when unknown."""
+    span_context = trace.get_current_span().get_span_context()
+    if span_context.is_valid:
+        trace_id, span_id = f"{span_context.trace_id:032x}", f"{span_context.span_id:016x}"
+    else:
+        trace_id = span_id = ""
+    return call_info().request_id, trace_id, span_id
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message, request_id, trace_id,
+    span_id (when known) and the record's extra fields.
+
+    The ids come from the record when a caller set them, else from the current call's
+    context, so format where the record is made (as setup_logging's handler does).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._clock = _Clock()
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self._clock.iso(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = record.__dict__
+        request_id, trace_id, span_id = call_ids()
+        for key, found in (
+            ("request_id", request_id),
+            ("trace_id", trace_id),
+            ("span_id", span_id),
+        ):
+            value = fields.get(key) or found
+            if value:
+                entry[key] = value
+        for key, value in fields.items():
+            if key not in _RESERVED:
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return jsonlib.dumps(entry, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """Plain lines for people, still with the request and trace ids when known."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        request_id, trace_id, _ = call_ids()
+        request_id = record.__dict__.get("request_id") or request_id
+        trace_id = record.__dict__.get("trace_id") or trace_id
+        ids = " ".join(
+            f"{name}={value}"
+            for name, value in (("request", request_id), ("trace", trace_id))
+            if value
+        )
+        return f"{line} [{ids}]" if ids else line
+
+
+class LineWriter:
+    """Writes finished lines to a stream from a thread of its own, batching what queued up."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self.queue: SimpleQueue[str | None] = SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="learnmesh-log-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        queue = self.queue
+        running = True
+        while running:
+            lines = [queue.get()]
+            while not queue.empty():
+                lines.append(queue.get_nowait())
+            if None in lines:
+                running = False
+                lines = [line for line in lines if line is not None]
+            try:
+                self.stream.write("".join(lines))  # type: ignore[arg-type]
+                self.stream.flush()
+            except (OSError, ValueError):  # the stream was closed under us; nothing to do
+                pass
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Writes what is queued and ends the thread."""
+        if self._thread.is_alive():
+            self.queue.put(None)
+            self._thread.join(timeout)
+
+
+class QueuedLineHandler(logging.Handler):
+    """Formats in the logging thread (where the call's context is) and queues the line."""
+
+    def __init__(self, writer: LineWriter, formatter: logging.Formatter) -> None:
+        super().__init__()
+        self.writer = writer
+        self.setFormatter(formatter)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.writer.queue.put(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+
+    def close(self) -> None:
+        self.writer.stop()
+        super().close()
+
+
+_installed: QueuedLineHandler | None = None
+
+
+def setup_logging(
+    level: str | int = "INFO",
+    json: bool = True,
+    *,
+    access_log: bool = True,
+    stream: IO[str] | None = None,
+) -> QueuedLineHandler:
+    """Sends every log record to ``stream`` (stderr) as JSON lines (or plain text).
+
+    Replaces the handler an earlier call installed and leaves others alone. The access
+    log (``learnmesh.access``, INFO) follows ``access_log``, not ``level``, so quieting
+    the rest does not lose it. Call ``close()`` on the result at exit to flush (also
+    registered with atexit).
+    """
+    global _installed
+    root = logging.getLogger()
+    if _installed is not None:
+        root.removeHandler(_installed)
+        atexit.unregister(_installed.close)
+        _installed.close()
+    handler = QueuedLineHandler(
+        LineWriter(stream or sys.stderr), JsonFormatter() if json else TextFormatter()
+    )
+    root.addHandler(handler)
+    root.setLevel(level)
+    access = logging.getLogger("learnmesh.access")
+    access.setLevel(logging.INFO if access_log else logging.CRITICAL + 1)
+    atexit.register(handler.close)
+    _installed = handler
+    return handler
