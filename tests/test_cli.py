@@ -11,9 +11,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import grpc
 import pytest
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from learnmesh import certs
 
 LEARNMESH = [sys.executable, "-m", "learnmesh.cli"]
 
@@ -56,24 +59,45 @@ async def running(
             await proc.wait()
 
 
-async def health_of(address: str, service: str) -> int:
-    async with aio.insecure_channel(address) as channel:
+def client_credentials(var_dir: Path) -> grpc.ChannelCredentials:
+    """A client certificate from the mesh's dev CA, as an operator would issue one."""
+    issued = certs.issue(var_dir / "certs", "operator", "learnmesh.local", kind="client")
+    key, cert = issued.read()
+    return grpc.ssl_channel_credentials(
+        (var_dir / "certs" / "ca.pem").read_bytes(), private_key=key, certificate_chain=cert
+    )
+
+
+async def health_of(
+    address: str, service: str, credentials: grpc.ChannelCredentials | None = None
+) -> int:
+    channel = (
+        aio.insecure_channel(address)
+        if credentials is None
+        else aio.secure_channel(address, credentials)
+    )
+    async with channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=service), timeout=5
         )
         return int(reply.status)
 
 
-async def test_up_serves_health_and_stops_on_sigterm(tmp_path: Path) -> None:
+async def test_up_runs_mtls_by_default_and_stops_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
     env = env_for(tmp_path, LEARNMESH_SERVER_PORT=str(port))
     async with running(["up"], env) as (proc, lines):
         banner = "".join(lines)
-        assert "learnmesh.auth.v1.AuthService" in banner and f"127.0.0.1:{port}" in banner
+        assert "learnmesh.auth.v1.AuthService" in banner
+        assert f"mTLS) 127.0.0.1:{port}" in banner
+        assert (tmp_path / "certs" / "ca.pem").exists()  # the dev CA, made on first start
+        credentials = client_credentials(tmp_path)
         for name in ("", "learnmesh.auth.v1.AuthService", "learnmesh.user.v1.UserService"):
-            assert (
-                await health_of(f"127.0.0.1:{port}", name) == health_pb2.HealthCheckResponse.SERVING
-            )
+            status = await health_of(f"127.0.0.1:{port}", name, credentials)
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(aio.AioRpcError) as err:  # plaintext is refused
+            await health_of(f"127.0.0.1:{port}", "")
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert (tmp_path / "learnmesh.db").exists()
         proc.send_signal(signal.SIGTERM)
         out, _ = await asyncio.wait_for(proc.communicate(), 30)
@@ -81,12 +105,26 @@ async def test_up_serves_health_and_stops_on_sigterm(tmp_path: Path) -> None:
         assert "stopped" in out.decode()
 
 
+async def test_insecure_is_announced_and_plaintext(tmp_path: Path) -> None:
+    port = free_port()
+    args = ["serve", "user", "--port", str(port), "--insecure"]
+    async with running(args, env_for(tmp_path)) as (proc, lines):
+        banner = "".join(lines)
+        assert "WARNING: --insecure" in banner and "PLAINTEXT" in banner
+        assert await health_of(f"127.0.0.1:{port}", "learnmesh.user.v1.UserService") == 1
+        proc.send_signal(signal.SIGINT)
+        await asyncio.wait_for(proc.wait(), 30)
+        assert proc.returncode == 0
+
+
 async def test_serve_one_service_per_process_and_sigint(tmp_path: Path) -> None:
     port = free_port()
     async with running(["serve", "user", "--port", str(port)], env_for(tmp_path)) as (proc, _):
-        assert await health_of(f"127.0.0.1:{port}", "learnmesh.user.v1.UserService") == 1
+        credentials = client_credentials(tmp_path)
+        name = "learnmesh.user.v1.UserService"
+        assert await health_of(f"127.0.0.1:{port}", name, credentials) == 1
         with pytest.raises(aio.AioRpcError) as err:
-            await health_of(f"127.0.0.1:{port}", "learnmesh.auth.v1.AuthService")
+            await health_of(f"127.0.0.1:{port}", "learnmesh.auth.v1.AuthService", credentials)
         assert err.value.code().name == "NOT_FOUND"
         proc.send_signal(signal.SIGINT)
         await asyncio.wait_for(proc.wait(), 30)
