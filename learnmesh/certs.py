@@ -163,10 +163,13 @@ def issue(
     return paths
 
 
-def ensure(directory: Path, name: str, trust_domain: str) -> Identity:
-    """The CA and ``name``'s certificate under ``directory``, made if missing (dev default)."""
+def ensure(directory: Path, name: str, trust_domain: str, *, kind: str = "service") -> Identity:
+    """The CA and ``name``'s certificate under ``directory``, made if missing or about to
+    expire (the dev default)."""
     init_ca(directory, trust_domain)
     paths = Identity(directory / f"{name}.pem", directory / f"{name}-key.pem")
     if paths.cert.exists() and paths.key.exists():
-        return paths
-    return issue(directory, name, trust_domain)
+        cert = x509.load_pem_x509_certificate(paths.cert.read_bytes())
+        if cert.not_valid_after_utc > dt.datetime.now(dt.UTC) + dt.timedelta(days=1):
+            return paths
+    return issue(directory, name, trust_domain, kind=kind)

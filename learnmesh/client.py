@@ -75,6 +75,16 @@ class ClientFactory:
             budget_ratio=settings.client.retry_budget_ratio,
         )
 
+    @classmethod
+    def for_caller(cls, settings: Settings, name: str, *, kind: str = "client") -> ClientFactory:
+        """A factory for a program that calls the mesh: with mTLS on, it presents the
+        certificate ``name`` (configured, or issued by the dev CA under var/certs)."""
+        if not settings.tls.enabled:
+            return cls(settings)
+        from learnmesh import tls
+
+        return cls(settings, credentials=tls.channel_credentials(settings, name, kind))
+
     def address_of(self, service: str) -> str:
         configured: str = getattr(self.settings, f"{service}_address", "")
         if configured:

@@ -18,7 +18,9 @@ def certs_dir(settings: Settings) -> Path:
     return settings.var_path / "certs"
 
 
-def identity_files(settings: Settings, name: str) -> tuple[Path, certs.Identity]:
+def identity_files(
+    settings: Settings, name: str, kind: str = "service"
+) -> tuple[Path, certs.Identity]:
     """(CA file, holder's cert and key): configured ones, else the dev CA's, made if missing."""
     tls = settings.tls
     if tls.ca_file and tls.cert_file and tls.key_file:
@@ -26,7 +28,7 @@ def identity_files(settings: Settings, name: str) -> tuple[Path, certs.Identity]
     if tls.ca_file or tls.cert_file or tls.key_file:
         raise ValueError("tls.ca_file, tls.cert_file and tls.key_file go together: set all three")
     directory = certs_dir(settings)
-    identity = certs.ensure(directory, name, tls.trust_domain)
+    identity = certs.ensure(directory, name, tls.trust_domain, kind=kind)
     return certs.ca_paths(directory).cert, identity
 
 
@@ -38,8 +40,10 @@ def server_credentials(settings: Settings, name: str) -> grpc.ServerCredentials:
     )
 
 
-def channel_credentials(settings: Settings, name: str) -> grpc.ChannelCredentials:
-    ca, identity = identity_files(settings, name)
+def channel_credentials(
+    settings: Settings, name: str, kind: str = "service"
+) -> grpc.ChannelCredentials:
+    ca, identity = identity_files(settings, name, kind)
     key, cert = identity.read()
     return grpc.ssl_channel_credentials(
         root_certificates=ca.read_bytes(), private_key=key, certificate_chain=cert
