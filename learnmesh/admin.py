@@ -68,8 +68,8 @@ class Readiness:
         self.timeout = timeout
 
     async def _outcome(self, name: str, check: ReadyCheck) -> str:
-        """ "ok", or why the check failed: the exception's type only, since the admin port is
-        unauthenticated and driver messages can name hosts and users (the log has it all)."""
+        """Says "ok", or why the check failed: the exception's type only, since the admin
+        port is unauthenticated and driver messages can name hosts and users (logged)."""
         try:
             await asyncio.wait_for(check(), self.timeout)
         except TimeoutError:

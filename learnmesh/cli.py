@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# grpc-core's informational lines (GOAWAY on stop, TLS handshake notes) are noise to an
+# operator; this must be set before grpc is first imported.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 import argparse
 import asyncio
 import contextlib
@@ -12,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from learnmesh import certs, config, tls
+from learnmesh import certs, config, probe, tls
 from learnmesh.db import Database
 from learnmesh.service import IMPLEMENTED, definition
 
@@ -58,10 +64,29 @@ async def _serve(
     except OSError as exc:
         await runtime.close()
         raise SystemExit(f"learnmesh: {exc}") from None
+    admin = None
+    if settings.server.admin_port >= 0:
+        from learnmesh.admin import start_admin
+
+        try:
+            admin = await start_admin(
+                settings.server.admin_host,
+                settings.server.admin_port,
+                server.health,
+                {"database": runtime.db.ping},
+                reuse_port=reuse_port,
+            )
+        except OSError as exc:
+            await server.stop(0)
+            await runtime.close()
+            raise SystemExit(f"learnmesh: {exc}") from None
     scheme = "grpcs (mTLS)" if credentials is not None else "grpc (PLAINTEXT)"
     for d in definitions:
         print(f"{d.full_name:<42} {scheme} {server.address}", flush=True)
     print(f"{'grpc.health.v1.Health, reflection':<42} {scheme} {server.address}", flush=True)
+    if admin is not None:
+        where = f"{settings.server.admin_host}:{admin.port}"
+        print(f"{'admin: Health, /healthz /readyz /metrics':<42} plaintext {where}", flush=True)
     if credentials is not None and not settings.tls.ca_file:
         directory = tls.certs_dir(settings)
         print(f"certificates: {directory} (CA: {directory / 'ca.pem'})", flush=True)
@@ -71,7 +96,9 @@ async def _serve(
         await _wait_for_signal()
     finally:
         print("stopping…", flush=True)
-        await server.stop(settings.server.grace)
+        await server.stop(settings.server.grace)  # health turns NOT_SERVING while draining
+        if admin is not None:
+            await admin.stop()
         await runtime.close()
         print("stopped", flush=True)
 
@@ -132,6 +159,8 @@ def _parser() -> argparse.ArgumentParser:
             "--insecure", action="store_true", help="plaintext, no mTLS (development only)"
         )
 
+    probe.add_parser(commands)
+
     migrate = commands.add_parser("migrate", help="bring the database to the newest schema")
     migrate.add_argument("services", nargs="*", help="default: every implemented service")
 
@@ -151,6 +180,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "health":
+        return probe.run(args)
     try:
         settings = config.load(args.config)
     except config.ConfigError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import sys
@@ -30,7 +31,7 @@ def free_port() -> int:
 
 def env_for(var_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LEARNMESH_")}
-    env.update(LEARNMESH_VAR_DIR=str(var_dir), **extra)
+    env.update(LEARNMESH_VAR_DIR=str(var_dir), LEARNMESH_SERVER_ADMIN_PORT="0", **extra)
     return env
 
 
@@ -68,6 +69,15 @@ def client_credentials(var_dir: Path) -> grpc.ChannelCredentials:
     )
 
 
+async def http_status(port: int, path: str) -> int:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    await writer.drain()
+    status_line = await reader.readline()
+    writer.close()
+    return int(status_line.split()[1])
+
+
 async def health_of(
     address: str, service: str, credentials: grpc.ChannelCredentials | None = None
 ) -> int:
@@ -99,6 +109,16 @@ async def test_up_runs_mtls_by_default_and_stops_on_sigterm(tmp_path: Path) -> N
             await health_of(f"127.0.0.1:{port}", "")
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert (tmp_path / "learnmesh.db").exists()
+
+        # Probes without a certificate use the admin port: health, /healthz, /readyz, /metrics.
+        admin = int(re.search(r"admin: .* plaintext 127\.0\.0\.1:(\d+)", banner).group(1))  # type: ignore[union-attr]
+        assert await health_of(f"127.0.0.1:{admin}", "learnmesh.user.v1.UserService") == 1
+        probe = await asyncio.create_subprocess_exec(
+            *LEARNMESH, "health", f"127.0.0.1:{admin}", "learnmesh.auth.v1.AuthService"
+        )
+        assert await asyncio.wait_for(probe.wait(), 30) == 0
+        for path, status in (("/healthz", 200), ("/readyz", 200), ("/metrics", 200)):
+            assert await http_status(admin, path) == status
         proc.send_signal(signal.SIGTERM)
         out, _ = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 0, out.decode()
