@@ -1,0 +1,28 @@
+"""The auth service: credentials, tokens, sessions, MFA and password reset.
+
+Exports ``SERVICE`` for the runtime; the servicer and its dependencies load only when the
+service is built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from learnmesh.auth.v1 import auth_pb2_grpc
+from learnmesh.service import Runtime, ServiceDefinition
+
+
+async def _create(runtime: Runtime) -> Any:
+    from services.auth.servicer import create
+
+    return await create(runtime)
+
+
+SERVICE = ServiceDefinition(
+    name="auth",
+    full_name="learnmesh.auth.v1.AuthService",
+    add_to_server=auth_pb2_grpc.add_AuthServiceServicer_to_server,
+    create=_create,
+    migrations=Path(__file__).resolve().parent / "migrations",
+)

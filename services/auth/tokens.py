@@ -1,0 +1,122 @@
+"""Access tokens (ES256 JWTs) and refresh tokens (opaque, stored only as a SHA-256 digest).
+
+Access tokens are verified locally by every service's interceptor against the JWKS, so
+they carry what authorisation needs: subject, roles, tier and the session (``sid``) they
+belong to. Refresh tokens are random strings; the database keeps only their digest, so a
+leaked table does not hand out sessions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import jwt
+
+from learnmesh.config import AuthSettings
+from services.auth.keys import ALGORITHM, KeyRing
+
+REQUIRED_CLAIMS = ("iss", "aud", "sub", "exp", "iat", "jti")
+# Seconds of clock skew tolerated on exp/iat (the same as the server's interceptor).
+LEEWAY = 5
+
+
+@dataclass(frozen=True)
+class AccessToken:
+    token: str
+    token_id: str
+    expires_at: int
+    expires_in: int
+
+
+@dataclass(frozen=True)
+class VerifiedToken:
+    subject: str
+    roles: tuple[str, ...]
+    tier: str
+    session_id: str
+    expires_at: int
+
+
+def new_refresh_token() -> tuple[str, str]:
+    """A fresh opaque refresh token and the digest to store."""
+    token = secrets.token_urlsafe(32)
+    return token, digest(token)
+
+
+def digest(token: str) -> str:
+    """The SHA-256 of a refresh or reset token, as stored (hex)."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class Tokens:
+    def __init__(self, keys: KeyRing, settings: AuthSettings) -> None:
+        self.keys = keys
+        self.issuer = settings.issuer
+        self.audience = settings.audience
+        self.ttl = settings.access_token_ttl
+
+    async def issue(
+        self, user_id: str, roles: Sequence[str], tier: str, session_id: str
+    ) -> AccessToken:
+        key = await self.keys.active()
+        now = int(time.time())
+        token_id = str(uuid.uuid4())
+        claims = {
+            "iss": self.issuer,
+            "aud": self.audience,
+            "sub": user_id,
+            "iat": now,
+            "exp": now + self.ttl,
+            "jti": token_id,
+            "roles": list(roles),
+            "tier": tier,
+            "sid": session_id,
+        }
+        token = jwt.encode(
+            claims, key.private_key, algorithm=ALGORITHM, headers={"kid": key.kid, "typ": "JWT"}
+        )
+        return AccessToken(token, token_id, now + self.ttl, self.ttl)
+
+    async def verify(self, token: str) -> VerifiedToken | None:
+        """The token's facts when its signature (known kid, ES256 only), issuer, audience
+        and expiry are good; None otherwise (never an exception for a bad token)."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            return None
+        kid = header.get("kid")
+        if header.get("alg") != ALGORITHM or not isinstance(kid, str):
+            return None
+        key = await self.keys.public_key(kid)
+        if key is None:
+            return None
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[ALGORITHM],
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=LEEWAY,
+                options={"require": list(REQUIRED_CLAIMS)},
+            )
+        except jwt.PyJWTError:
+            return None
+        roles = claims.get("roles", [])
+        session_id = claims.get("sid")
+        if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+            return None
+        if not isinstance(session_id, str) or not session_id:
+            return None
+        return VerifiedToken(
+            subject=str(claims["sub"]),
+            roles=tuple(roles),
+            tier=str(claims.get("tier", "free")),
+            session_id=session_id,
+            expires_at=int(claims["exp"]),
+        )
