@@ -29,11 +29,16 @@ _trailers: ContextVar[list[tuple[str, str | bytes]] | None] = ContextVar(
 
 def add_trailer(context: aio.ServicerContext, key: str, value: str | bytes) -> None:
     """Adds trailing metadata to the call without dropping what other links added."""
+    add_trailers(context, (key, value))
+
+
+def add_trailers(context: aio.ServicerContext, *pairs: tuple[str, str | bytes]) -> None:
+    """Adds several trailing metadata entries at once (one update of the call's trailers)."""
     found = _trailers.get()
     if found is None:
         found = []
         _trailers.set(found)
-    found.append((key, value))
+    found.extend(pairs)
     context.set_trailing_metadata(tuple(found))
 
 

@@ -17,6 +17,7 @@ from interceptors.chain import ServerChain, ServerLink
 from interceptors.deadline import Deadline
 from interceptors.errors import ErrorMapping
 from interceptors.identity import PeerIdentity
+from interceptors.ratelimit import RateLimit, backend_for
 from interceptors.request_id import RequestId
 from interceptors.validation import Validation
 from learnmesh import tls
@@ -75,6 +76,7 @@ def server_links(
         Deadline(settings.deadlines.default, settings.deadlines.cap, settings.method_deadlines),
         PeerIdentity(settings.tls.trust_domain, tls=tls, extra_callers=settings.tls.callers),
         AccessPolicy(verifier, owner_resolvers),
+        RateLimit(settings.limits, backend_for(settings)),
         Validation(),
     ]
 
@@ -89,6 +91,7 @@ class MeshServer:
     host: str
     services: list[ServiceDefinition]
     servicers: dict[str, Any] = field(default_factory=dict)
+    links: list[ServerLink] = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -97,8 +100,8 @@ class MeshServer:
     async def stop(self, grace: float | None = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
-        for servicer in self.servicers.values():
-            close = getattr(servicer, "aclose", None)
+        for part in [*self.servicers.values(), *self.links]:
+            close = getattr(part, "aclose", None)
             if close is not None:
                 await close()
 
@@ -118,8 +121,9 @@ async def start_server(
         await runtime.db.migrate(definition.name, definition.migrations)
     # Filled below, once the servicers exist; the access link reads it at call time.
     resolvers: dict[str, Any] = {}
+    links = server_links(runtime, resolvers, tls=credentials is not None)
     server = aio.server(
-        interceptors=[ServerChain(server_links(runtime, resolvers, tls=credentials is not None))],
+        interceptors=[ServerChain(links)],
         options=[("grpc.so_reuseport", 1 if reuse_port else 0)],
     )
     try:
@@ -154,4 +158,4 @@ async def start_server(
     await server.start()
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return MeshServer(server, health_servicer, bound, host, list(definitions), servicers)
+    return MeshServer(server, health_servicer, bound, host, list(definitions), servicers, links)

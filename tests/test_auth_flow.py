@@ -15,6 +15,7 @@ from google.protobuf import field_mask_pb2
 from grpc import aio
 from sqlalchemy import text
 
+from learnmesh import config
 from learnmesh.auth.v1 import auth_pb2
 from learnmesh.user.v1 import user_pb2
 from services.auth import store
@@ -510,3 +511,24 @@ async def test_login_rehashes_when_the_parameters_change(tmp_path: Path) -> None
             async with mesh.runtime.db.transaction() as session:
                 assert ",t=3," in str(await session.scalar(query, {"e": email}))
             assert (await login(mesh, email)).access_token
+
+
+async def test_login_flood_from_one_address_is_rate_limited(tmp_path: Path) -> None:
+    """The reference document's per-address login limit (5 a minute), on the product chain."""
+    settings = mesh_settings(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}")
+    settings = replace(settings, limits=config.load(env={}).limits)
+    async with running_mesh(settings) as flooded:
+        request = auth_pb2.LoginRequest(email="nobody@example.com", password="wrong password")
+        codes = []
+        for _ in range(7):
+            try:
+                await flooded.auth.Login(request)
+            except aio.AioRpcError as exc:
+                codes.append(exc.code())
+                last = exc
+        assert codes[:5] == [grpc.StatusCode.UNAUTHENTICATED] * 5
+        assert codes[5:] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
+        delay = retry_delay(last)
+        assert delay is not None and 0 < delay <= 60
+        trailers = dict(last.trailing_metadata())
+        assert trailers["x-ratelimit-limit"] == "5" and trailers["x-ratelimit-remaining"] == "0"
