@@ -108,8 +108,9 @@ async def _migrate(settings: config.Settings, names: Sequence[str]) -> None:
     try:
         for name in names:
             d = definition(name)
-            await db.migrate(d.name, d.migrations)
-            print(f"{d.name}: migrated to head")
+            if d.migrations is not None:
+                await db.migrate(d.name, d.migrations)
+                print(f"{d.name}: migrated to head")
     finally:
         await db.dispose()
 

@@ -118,7 +118,8 @@ async def start_server(
     """Migrates, builds and starts ``definitions`` on ``host:port`` (0 picks a free port),
     with mTLS when ``credentials`` are given."""
     for definition in definitions:
-        await runtime.db.migrate(definition.name, definition.migrations)
+        if definition.migrations is not None:
+            await runtime.db.migrate(definition.name, definition.migrations)
     # Filled below, once the servicers exist; the access link reads it at call time.
     resolvers: dict[str, Any] = {}
     links = server_links(runtime, resolvers, tls=credentials is not None)

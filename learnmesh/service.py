@@ -61,7 +61,8 @@ class ServiceDefinition:
     add_to_server: Callable[[Any, aio.Server], None]
     # Builds the servicer once migrations have run.
     create: Callable[[Runtime], Awaitable[Any]]
-    migrations: Path
+    # The service's Alembic folder; None for a service that keeps no tables.
+    migrations: Path | None
     # Owner lookups for ACCESS_OWNER methods whose resource is not a user, by full method.
     owner_resolvers: Callable[[Any], Mapping[str, Any]] = field(default=lambda _servicer: {})
 
