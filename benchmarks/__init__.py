@@ -1,0 +1,1 @@
+"""Load drivers and the figures they produce (see benchmarks/README.md)."""

@@ -1,0 +1,136 @@
+"""The servers the benchmark drives, one per process: ``python -m benchmarks.servers CONFIG``.
+
+Every configuration serves the same trivial CourseService methods (GetCourse, a public
+read; GetProgress, a read for signed-in users), so the only difference between them is
+what sits in front of the handler:
+
+- ``bare``: a plain grpc.aio server, no interceptors: the yardstick;
+- ``full``: the product's server chain, assembled by learnmesh.server exactly as
+  ``learnmesh up`` does (with the real auth and user services: tokens, JWKS), tracing at 10 %
+  parent-based sampling, metrics and the JSON access log on. Plaintext, since h2load
+  cannot present a client certificate, so the mTLS identity link has nothing to read;
+- ``tracing100`` / ``tracing10``: the bare server plus the tracing link alone, sampling
+  100 % / 10 % of calls.
+
+Prints ``port N`` once serving; stops on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import signal
+import tempfile
+from typing import Any
+
+from grpc import aio
+
+from learnmesh.course.v1 import course_pb2, course_pb2_grpc
+
+CONFIGS = ("bare", "full", "tracing100", "tracing10")
+SAMPLING = {"full": "0.1", "tracing10": "0.1", "tracing100": "1.0"}
+
+
+class BenchCourses(course_pb2_grpc.CourseServiceServicer):
+    """Trivial handlers: the benchmark measures what is in front of them."""
+
+    COURSE = course_pb2.GetCourseResponse(course=course_pb2.Course(title="Intro to gRPC"))
+    PROGRESS = course_pb2.GetProgressResponse(progress=course_pb2.Progress(total_lessons=12))
+
+    async def GetCourse(self, request: Any, context: aio.ServicerContext) -> Any:
+        return self.COURSE
+
+    async def GetProgress(self, request: Any, context: aio.ServicerContext) -> Any:
+        return self.PROGRESS
+
+
+def _tracing(config: str) -> None:
+    os.environ["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
+    os.environ["OTEL_TRACES_SAMPLER_ARG"] = SAMPLING[config]
+    # The full chain exports its sampled spans for real (printed; the driver discards the
+    # output). The tracing-only runs measure the link's own cost: spans are made and
+    # recorded, then dropped, so an exporter's serialisation is not counted against it.
+    os.environ["OTEL_TRACES_EXPORTER"] = "console" if config == "full" else "none"
+    from learnmesh.telemetry import setup_tracing
+
+    setup_tracing("learnmesh-bench")
+
+
+async def _bare(port: int, links: list[Any]) -> aio.Server:
+    from interceptors.chain import ServerChain
+
+    server = aio.server(interceptors=[ServerChain(links)] if links else None)
+    course_pb2_grpc.add_CourseServiceServicer_to_server(BenchCourses(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    return server
+
+
+async def _full(port: int) -> Any:
+    from learnmesh import config
+    from learnmesh.server import build_runtime, start_server
+    from learnmesh.service import ServiceDefinition, definition
+    from learnmesh.telemetry import setup_logging
+
+    base = config.load(env={})
+    limits = {
+        f.name: 10**9
+        for f in dataclasses.fields(base.limits)
+        if f.name.endswith(("minute", "hour"))
+    }
+    settings = dataclasses.replace(
+        base,
+        var_dir=tempfile.mkdtemp(prefix="learnmesh-bench-"),
+        log_level="WARNING",
+        tls=dataclasses.replace(base.tls, enabled=False),
+        limits=dataclasses.replace(base.limits, **limits),
+    )
+    setup_logging("WARNING", access_log=True)
+    courses = ServiceDefinition(
+        name="course",
+        full_name="learnmesh.course.v1.CourseService",
+        add_to_server=course_pb2_grpc.add_CourseServiceServicer_to_server,
+        create=lambda _runtime: _async(BenchCourses()),
+        migrations=None,
+    )
+    runtime, _ = build_runtime(settings, "bench")
+    return await start_server(
+        runtime, [definition("auth"), definition("user"), courses], host="127.0.0.1", port=port
+    )
+
+
+async def _async(value: Any) -> Any:
+    return value
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("config", choices=CONFIGS)
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    if args.config in SAMPLING:
+        _tracing(args.config)
+    if args.config == "full":
+        server = await _full(args.port)
+        stop = server.stop
+    else:
+        links = []
+        if args.config.startswith("tracing"):
+            from interceptors.tracing import Tracing
+
+            links = [Tracing()]
+        bare = await _bare(args.port, links)
+        stop = bare.stop
+    print(f"port {args.port}", flush=True)
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, done.set)
+    await done.wait()
+    await stop(0)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
