@@ -48,7 +48,7 @@ class JwksCache:
     verifying.
     """
 
-    def __init__(self, fetch: JwksFetch, *, min_refetch: float = 10.0, max_age: float = 300.0):
+    def __init__(self, fetch: JwksFetch, *, min_refetch: float = 1.0, max_age: float = 300.0):
         self._fetch = fetch
         self._keys: dict[str, Any] = {}
         self._fetched_at = float("-inf")
