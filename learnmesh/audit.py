@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Column, DateTime, MetaData, String, Table, Text, insert
+from sqlalchemy import Column, MetaData, String, Table, Text, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from learnmesh import principal
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+from learnmesh.db import UtcDateTime, utcnow
 
 
 def audit_table(name: str, metadata: MetaData) -> Table:
@@ -27,7 +23,7 @@ def audit_table(name: str, metadata: MetaData) -> Table:
         name,
         metadata,
         Column("id", String(36), primary_key=True),
-        Column("at", DateTime(timezone=True), nullable=False, index=True),
+        Column("at", UtcDateTime, nullable=False, index=True),
         # For example "login.failed", "mfa.enabled", "refresh_token.reused", "role.changed".
         Column("event", String(64), nullable=False, index=True),
         # The user the event is about (may be empty for an unknown email).

@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from learnmesh import audit, principal
 from learnmesh.config import AuthSettings
+from learnmesh.db import utcnow
 from learnmesh.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -236,7 +237,7 @@ class Accounts:
         return signed_in
 
     def _window_start(self) -> datetime:
-        return store.utcnow() - timedelta(seconds=self.settings.throttle_window)
+        return utcnow() - timedelta(seconds=self.settings.throttle_window)
 
     async def _check_throttle(
         self, email: str, address: str, *, event: str = "login.failed", subject: str = ""
@@ -244,7 +245,7 @@ class Accounts:
         """RESOURCE_EXHAUSTED while too many recent failures for the email or the address
         (checked before the password, so a locked account cannot be probed); the refused
         attempt is audited as ``event``."""
-        now = store.utcnow()
+        now = utcnow()
         since = self._window_start()
         async with self._transaction() as session:
             by_email = await store.email_failures_since(session, email, since)
@@ -351,7 +352,7 @@ class Accounts:
             await self._reuse_detected(owner)
         if owner.revoked_at is not None:
             raise Unauthenticated("the session has ended; sign in again", reason="SESSION_ENDED")
-        now = store.utcnow()
+        now = utcnow()
         if found.expires_at <= now or owner.expires_at <= now:
             raise Unauthenticated(
                 "the refresh token has expired; sign in again", reason="REFRESH_TOKEN_EXPIRED"
@@ -525,13 +526,13 @@ class Accounts:
             credentials = await store.credentials_by_email(session, email)
             if credentials is None or credentials.status != store.ACTIVE:
                 return
-            hour_ago = store.utcnow() - timedelta(hours=1)
+            hour_ago = utcnow() - timedelta(hours=1)
             recent = await store.count_resets_since(session, credentials.user_id, hour_ago)
             if recent >= self.settings.reset_requests_per_hour:
                 log.info("password-reset request ignored: hourly limit reached for an account")
                 return
             token, token_hash = new_refresh_token()
-            expires_at = store.utcnow() + timedelta(seconds=self.settings.reset_token_ttl)
+            expires_at = utcnow() + timedelta(seconds=self.settings.reset_token_ttl)
             await store.add_reset(session, credentials.user_id, token_hash, expires_at)
             await audit.record(
                 session, store.audit, "password_reset.requested", credentials.user_id

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from learnmesh import audit
 from learnmesh.config import Settings
-from learnmesh.db import Database
+from learnmesh.db import Database, utcnow
 from learnmesh.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -46,17 +46,6 @@ PREFERENCE_PATHS = {
 UPDATABLE_PATHS = ("display_name", "bio", "preferences", *PREFERENCE_PATHS)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MICROSECOND = timedelta(microseconds=1)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def as_utc(moment: datetime) -> datetime:
-    """SQLite hands back naive datetimes (stored in UTC); PostgreSQL aware ones."""
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
 
 
 @dataclass(frozen=True)
@@ -112,8 +101,8 @@ class Profile:
             role=row.role,
             tier=row.tier,
             preferences=Preferences.from_json(row.preferences),
-            created_at=as_utc(row.created_at),
-            updated_at=as_utc(row.updated_at),
+            created_at=row.created_at,
+            updated_at=row.updated_at,
         )
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import DateTime, Index, String, Text, and_, delete, func, or_, select
+from sqlalchemy import Index, String, Text, and_, delete, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from learnmesh.audit import audit_table
+from learnmesh.db import UtcDateTime
 
 
 class Base(DeclarativeBase):
@@ -38,8 +39,8 @@ class ProfileRow(Base):
     tier: Mapped[str] = mapped_column(String(32))
     # JSON: {"theme": …, "language": …, "notification_channels": […]}.
     preferences: Mapped[str] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
 user_audit = audit_table("user_audit", Base.metadata)
