@@ -8,7 +8,7 @@ any native retries underneath). grpc.aio runs client interceptors once per logic
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -111,3 +111,67 @@ class ClientConcern(
         self, continuation: Any, client_call_details: Any, request_iterator: Any
     ) -> Any:
         return await self._intercept(continuation, client_call_details, request_iterator, False)
+
+
+class _UnaryStreamOnly(aio.UnaryStreamClientInterceptor):
+    def __init__(self, interceptor: aio.UnaryStreamClientInterceptor) -> None:
+        self.interceptor = interceptor
+
+    async def intercept_unary_stream(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
+        return await self.interceptor.intercept_unary_stream(
+            continuation, client_call_details, request
+        )
+
+
+class _StreamUnaryOnly(aio.StreamUnaryClientInterceptor):
+    def __init__(self, interceptor: aio.StreamUnaryClientInterceptor) -> None:
+        self.interceptor = interceptor
+
+    async def intercept_stream_unary(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
+        return await self.interceptor.intercept_stream_unary(
+            continuation, client_call_details, request_iterator
+        )
+
+
+class _StreamStreamOnly(aio.StreamStreamClientInterceptor):
+    def __init__(self, interceptor: aio.StreamStreamClientInterceptor) -> None:
+        self.interceptor = interceptor
+
+    async def intercept_stream_stream(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
+        return await self.interceptor.intercept_stream_stream(
+            continuation, client_call_details, request_iterator
+        )
+
+
+_KINDS: tuple[tuple[type, Callable[[Any], aio.ClientInterceptor]], ...] = (
+    (aio.UnaryStreamClientInterceptor, _UnaryStreamOnly),
+    (aio.StreamUnaryClientInterceptor, _StreamUnaryOnly),
+    (aio.StreamStreamClientInterceptor, _StreamStreamOnly),
+)
+
+
+def for_every_kind(interceptors: Sequence[aio.ClientInterceptor]) -> list[aio.ClientInterceptor]:
+    """The list to give a channel so each interceptor sees every kind of call it handles.
+
+    grpc.aio files an interceptor under the FIRST kind it implements only (an if/elif in
+    ``aio.Channel``), so a ClientConcern passed as is intercepts unary-unary calls and no
+    streaming call at all. Here every further kind gets a thin adapter; order is kept.
+    """
+    found: list[aio.ClientInterceptor] = []
+    for interceptor in interceptors:
+        found.append(interceptor)
+        filed_as_unary = isinstance(interceptor, aio.UnaryUnaryClientInterceptor)
+        first = not filed_as_unary
+        for kind, adapter in _KINDS:
+            if isinstance(interceptor, kind):
+                if first:  # grpc files the interceptor itself under this kind
+                    first = False
+                    continue
+                found.append(adapter(interceptor))
+    return found

@@ -10,6 +10,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import dataclasses
 import logging
@@ -188,9 +189,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except config.ConfigError as exc:
         print(f"learnmesh: configuration error: {exc}", file=sys.stderr)
         return 1
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    if args.command in ("up", "serve"):
+        from learnmesh.telemetry import setup_logging, setup_tracing
+
+        # JSON lines on stderr, each with the call's request id and trace id.
+        setup_logging(settings.log_level, access_log=settings.telemetry.access_log)
+        try:
+            tracer = setup_tracing("learnmesh" if args.command == "up" else args.service)
+        except config.ConfigError as exc:
+            print(f"learnmesh: configuration error: {exc}", file=sys.stderr)
+            return 1
+        atexit.register(tracer.shutdown)
+    else:
+        logging.basicConfig(
+            level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
     if args.command == "certs":
         return _certs(settings, args)
     if getattr(args, "insecure", False):

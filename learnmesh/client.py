@@ -1,8 +1,8 @@
 """The client factory: a typed stub for a service by name, over a shared channel.
 
 Services reach each other only through it, over the network, even inside ``learnmesh up``.
-Every channel carries the client chain (request id and trace context, deadline
-propagation, a circuit breaker of its own target), gRPC's native retry policy generated
+Every channel carries the client chain (request id, a client span and the trace context,
+deadline propagation, a circuit breaker of its own target), gRPC's native retry policy generated
 from the protos, round-robin balancing over several addresses or a DNS name, and, with
 mTLS, the calling service's certificate. Channels are made lazily, inside the running
 event loop, and reused per target.
@@ -17,9 +17,11 @@ import grpc
 from grpc import aio
 
 from interceptors.breaker import CircuitBreaker
+from interceptors.client import for_every_kind
 from interceptors.deadline import DeadlinePropagation
 from interceptors.request_id import ClientRequestId
 from interceptors.retry import service_config
+from interceptors.tracing import ClientTracing
 from learnmesh.auth.v1 import auth_pb2_grpc
 from learnmesh.config import Settings
 from learnmesh.course.v1 import course_pb2_grpc
@@ -63,7 +65,7 @@ class ClientFactory:
     ) -> None:
         self.settings = settings
         self.credentials = credentials
-        # Extra interceptors put before the standard chain (tracing is added by the runtime).
+        # Extra interceptors put before the standard chain.
         self.interceptors = list(interceptors)
         # Where this process's own server listens; the default target of every service.
         self.local_address = local_address
@@ -101,12 +103,16 @@ class ClientFactory:
                 reset_timeout=client.breaker_reset_timeout,
                 half_open_successes=client.breaker_half_open_successes,
             )
-        return [
-            *self.interceptors,
-            ClientRequestId(),
-            DeadlinePropagation(self.settings.deadlines.propagation_margin),
-            breaker,
-        ]
+        # grpc.aio files an interceptor under one kind only; for_every_kind fixes that.
+        return for_every_kind(
+            [
+                *self.interceptors,
+                ClientRequestId(),
+                ClientTracing(),
+                DeadlinePropagation(self.settings.deadlines.propagation_margin),
+                breaker,
+            ]
+        )
 
     def channel(self, service: str) -> aio.Channel:
         target = target_of(self.address_of(service))

@@ -17,8 +17,10 @@ from interceptors.chain import ServerChain, ServerLink
 from interceptors.deadline import Deadline
 from interceptors.errors import ErrorMapping
 from interceptors.identity import PeerIdentity
+from interceptors.metrics import Metrics
 from interceptors.ratelimit import RateLimit, backend_for
 from interceptors.request_id import RequestId
+from interceptors.tracing import Tracing
 from interceptors.validation import Validation
 from learnmesh import tls
 from learnmesh.auth.v1 import auth_pb2
@@ -72,6 +74,8 @@ def server_links(
     )
     return [
         RequestId(),
+        Tracing(),
+        Metrics(access_log=settings.telemetry.access_log),
         ErrorMapping(),
         Deadline(settings.deadlines.default, settings.deadlines.cap, settings.method_deadlines),
         PeerIdentity(settings.tls.trust_domain, tls=tls, extra_callers=settings.tls.callers),

@@ -29,6 +29,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, OTELResourceDetector, Reso
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
+from interceptors.tracing import StagedIds
 from learnmesh.config import ConfigError
 from learnmesh.principal import call_info
 
@@ -68,7 +69,8 @@ def _otlp_processor(env: Mapping[str, str]) -> BatchSpanProcessor:
 def _console_processor(env: Mapping[str, str]) -> BatchSpanProcessor:
     delay = None if env.get("OTEL_BSP_SCHEDULE_DELAY") else CONSOLE_DELAY_MS
     # Batched: the exporter's thread prints, never the event loop.
-    return BatchSpanProcessor(ConsoleSpanExporter(), schedule_delay_millis=delay)
+    # sys.stdout as it is now (the exporter's default is bound when the SDK is imported).
+    return BatchSpanProcessor(ConsoleSpanExporter(out=sys.stdout), schedule_delay_millis=delay)
 
 
 def setup_tracing(service_name: str, *, set_global: bool = True) -> TracerProvider:
@@ -85,7 +87,8 @@ def setup_tracing(service_name: str, *, set_global: bool = True) -> TracerProvid
     names = _exporter_names(env)
     from_env = OTELResourceDetector().detect().attributes
     resource = Resource.create({SERVICE_NAME: service_name, **from_env})
-    provider = TracerProvider(resource=resource)
+    # StagedIds lets the tracing links skip the SDK's costly path for spans it drops.
+    provider = TracerProvider(resource=resource, id_generator=StagedIds())
     for name in names:
         if name == "otlp":
             provider.add_span_processor(_otlp_processor(env))
@@ -109,19 +112,25 @@ _RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
 }
 
 
+# Made once: json.dumps(default=…) would build an encoder per line. Values JSON cannot hold
+# (datetimes, exceptions, …) are written as their str().
+_ENCODER = jsonlib.JSONEncoder(default=str)
+
+
 class _Clock:
     """ISO-8601 UTC times with milliseconds; the seconds part is reused within one second."""
 
     def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
+        # (whole second, its text), swapped as one object so threads never see a mix.
+        self._cached: tuple[int, str] = (-1, "")
 
     def iso(self, created: float) -> str:
         second = int(created)
-        if second != self._second:
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            self._second = second
-        return f"{self._prefix}.{int((created - second) * 1000):03d}Z"
+        cached_second, prefix = self._cached
+        if second != cached_second:
+            prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._cached = (second, prefix)
+        return f"{prefix}.{int((created - second) * 1000):03d}Z"
 
 
 def call_ids() -> tuple[str, str, str]:
@@ -154,23 +163,23 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         fields = record.__dict__
-        request_id, trace_id, span_id = call_ids()
-        for key, found in (
-            ("request_id", request_id),
-            ("trace_id", trace_id),
-            ("span_id", span_id),
-        ):
-            value = fields.get(key) or found
+        ids: tuple[str, str, str] | None = None
+        for index, key in enumerate(("request_id", "trace_id", "span_id")):
+            value = fields.get(key)
+            if value is None:  # not set by the caller: the current call's
+                if ids is None:
+                    ids = call_ids()
+                value = ids[index]
             if value:
                 entry[key] = value
         for key, value in fields.items():
-            if key not in _RESERVED:
+            if key not in _RESERVED and key not in entry:
                 entry[key] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
-        return jsonlib.dumps(entry, default=str)
+        return _ENCODER.encode(entry)
 
 
 class TextFormatter(logging.Formatter):
@@ -193,11 +202,25 @@ class TextFormatter(logging.Formatter):
 
 
 class LineWriter:
-    """Writes finished lines to a stream from a thread of its own, batching what queued up."""
+    """Writes finished lines to a stream from a thread of its own, in batches.
 
-    def __init__(self, stream: IO[str]) -> None:
+    After each write the thread rests for ``interval`` seconds and then takes everything
+    that queued up meanwhile: under load it wakes a few times a second instead of once per
+    line (each wake-up is a thread switch and a GIL hand-over that the event loop pays
+    for); a lone line after a quiet spell is still written at once.
+
+    When the stream cannot keep up (a stalled pipe) lines beyond ``max_queued`` are dropped
+    and counted rather than piling up in memory or blocking the event loop; the count is
+    written once the stream moves again.
+    """
+
+    def __init__(self, stream: IO[str], max_queued: int = 100_000, interval: float = 0.05) -> None:
         self.stream = stream
         self.queue: SimpleQueue[str | None] = SimpleQueue()
+        self.max_queued = max_queued
+        self.interval = interval
+        self.dropped = 0
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="learnmesh-log-writer", daemon=True)
         self._thread.start()
 
@@ -211,15 +234,27 @@ class LineWriter:
             if None in lines:
                 running = False
                 lines = [line for line in lines if line is not None]
+            dropped, self.dropped = self.dropped, 0
+            if dropped:
+                lines.append(f'{{"level": "WARNING", "message": "{dropped} log lines dropped"}}\n')
             try:
                 self.stream.write("".join(lines))  # type: ignore[arg-type]
                 self.stream.flush()
             except (OSError, ValueError):  # the stream was closed under us; nothing to do
                 pass
+            if running:
+                self._stopping.wait(self.interval)
+
+    def put(self, line: str) -> None:
+        if self.queue.qsize() >= self.max_queued:
+            self.dropped += 1
+            return
+        self.queue.put(line)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Writes what is queued and ends the thread."""
         if self._thread.is_alive():
+            self._stopping.set()
             self.queue.put(None)
             self._thread.join(timeout)
 
@@ -234,7 +269,7 @@ class QueuedLineHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.writer.queue.put(self.format(record) + "\n")
+            self.writer.put(self.format(record) + "\n")
         except Exception:
             self.handleError(record)
 
@@ -255,7 +290,8 @@ def setup_logging(
 ) -> QueuedLineHandler:
     """Sends every log record to ``stream`` (stderr) as JSON lines (or plain text).
 
-    Replaces the handler an earlier call installed and leaves others alone. The access
+    Replaces the handler an earlier call installed and leaves others alone (it does turn
+    off logging's thread and process lookups, which neither format uses). The access
     log (``learnmesh.access``, INFO) follows ``access_log``, not ``level``, so quieting
     the rest does not lose it. Call ``close()`` on the result at exit to flush (also
     registered with atexit).
@@ -271,6 +307,11 @@ def setup_logging(
     )
     root.addHandler(handler)
     root.setLevel(level)
+    # Neither format writes thread or process names; logging's documented switches spare
+    # every record the lookups (the access log makes one record per call).
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     access = logging.getLogger("learnmesh.access")
     access.setLevel(logging.INFO if access_log else logging.CRITICAL + 1)
     atexit.register(handler.close)

@@ -1,0 +1,87 @@
+"""The final status of a call, as seen by links that sit outside error mapping.
+
+Tracing and metrics need the status the caller will receive, not the exception the handler
+raised: after error mapping an error arrives as ``AbortError`` (the code is on the
+context), a cancelled or timed-out call as ``CancelledError``, and a normal return is OK
+unless the handler set a code itself. ``observe`` wraps a behaviour of any RPC kind so a
+link gets one ``begin`` before the handler and exactly one ``end`` with that status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from interceptors.chain import Behavior
+from interceptors.method import MethodInfo
+
+OK = grpc.StatusCode.OK
+UNKNOWN = grpc.StatusCode.UNKNOWN
+CANCELLED = grpc.StatusCode.CANCELLED
+DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
+# A caller whose deadline passes resets the stream itself, which can reach the server a
+# little before the server's own copy of the deadline (computed when the headers were read)
+# runs out; a cancellation this close to the deadline is the deadline.
+DEADLINE_SLACK = 0.1
+
+# begin(context) -> state; end(state, context, final code, exception or None)
+Begin = Callable[[aio.ServicerContext], Any]
+End = Callable[[Any, aio.ServicerContext, grpc.StatusCode, BaseException | None], None]
+
+
+def code_of_success(context: aio.ServicerContext) -> grpc.StatusCode:
+    """OK, or the code a handler set with ``context.set_code`` before returning."""
+    code: grpc.StatusCode | None = context.code()
+    return code or OK
+
+
+def code_of_error(exc: BaseException, context: aio.ServicerContext) -> grpc.StatusCode:
+    """The status a caller receives when ``exc`` leaves the handler."""
+    if isinstance(exc, aio.AbortError):
+        code: grpc.StatusCode | None = context.code()
+        return code or UNKNOWN
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        # grpc cancels the handler both when the caller cancels and when the deadline passes;
+        # only the remaining time tells them apart (None or huge when no deadline was set).
+        remaining = context.time_remaining()
+        if remaining is not None and remaining < DEADLINE_SLACK:
+            return DEADLINE_EXCEEDED
+        return CANCELLED
+    return UNKNOWN  # what grpc answers for an exception nobody mapped
+
+
+def observe(method: MethodInfo, behavior: Behavior, begin: Begin, end: End) -> Behavior:
+    """Wraps ``behavior`` so ``begin`` runs before it and ``end`` once with the final code."""
+    if method.kind in ("unary_unary", "stream_unary"):
+
+        async def unary_response(request: Any, context: aio.ServicerContext) -> Any:
+            state = begin(context)
+            try:
+                response = await behavior(request, context)
+            except BaseException as exc:
+                end(state, context, code_of_error(exc, context), exc)
+                raise
+            end(state, context, code_of_success(context), None)
+            return response
+
+        return unary_response
+
+    async def streaming_response(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+        state = begin(context)
+        try:
+            result = behavior(request, context)
+            if hasattr(result, "__aiter__"):
+                async for message in result:
+                    yield message
+            else:  # a coroutine that writes with context.write()
+                await result
+        except BaseException as exc:
+            end(state, context, code_of_error(exc, context), exc)
+            raise
+        end(state, context, code_of_success(context), None)
+
+    return streaming_response

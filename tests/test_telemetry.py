@@ -1,0 +1,902 @@
+"""Tracing, metrics and the access log on real servers and channels (tests/doubles.py).
+
+Spans go to the SDK's in-memory exporter; metrics to a private CollectorRegistry; the
+access log is read as the JSON lines learnmesh.telemetry formats. One test runs B in another
+process with the console exporter, as an operator would see it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import random
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc import aio
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    ParentBasedTraceIdRatio,
+    Sampler,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import SpanKind, StatusCode
+from prometheus_client import CollectorRegistry, generate_latest
+
+from interceptors.chain import ServerLink
+from interceptors.client import for_every_kind
+from interceptors.errors import ErrorMapping
+from interceptors.metrics import ACCESS_LOGGER, Metrics
+from interceptors.request_id import ClientRequestId, RequestId
+from interceptors.tracing import ClientTracing, SpanStarter, StagedIds, Tracing
+from learnmesh import telemetry
+from learnmesh.config import ConfigError
+from learnmesh.course.v1 import course_pb2, course_pb2_grpc
+from learnmesh.file.v1 import file_pb2, file_pb2_grpc
+from tests.doubles import COURSE_ID, CourseDouble, FileDouble, Served, serve
+
+ROOT = Path(__file__).resolve().parent.parent
+COURSE = "learnmesh.course.v1.CourseService"
+FILES = "learnmesh.file.v1.FileService"
+GET_COURSE = f"{COURSE}/GetCourse"
+TRACE_HEX = "4bf92f3577b34da6a3ce929d0e0e4736"
+SPAN_HEX = "00f067aa0ba902b7"
+
+
+class SeededIds(RandomIdGenerator):
+    """Trace and span ids from a fixed seed, so sampling counts do not vary between runs."""
+
+    def __init__(self, seed: int) -> None:
+        self._random = random.Random(seed)
+
+    def generate_trace_id(self) -> int:
+        return self._random.getrandbits(128)
+
+    def generate_span_id(self) -> int:
+        return self._random.getrandbits(64)
+
+
+# How a provider makes ids, which decides the path the tracing links take:
+# "lazy": StagedIds over the SDK's random ids (what setup_tracing builds; the fastest path);
+# "eager": StagedIds over other ids (dropped spans still made directly);
+# "sdk": no StagedIds (the SDK decides and makes every span).
+ID_MODES = ("lazy", "eager", "sdk")
+
+
+class Traces:
+    """A tracer provider whose finished spans land in memory."""
+
+    def __init__(self, sampler: Sampler | None = None, ids: str = "lazy", seed: int = 1) -> None:
+        self.exporter = InMemorySpanExporter()
+        generator = {
+            "lazy": lambda: StagedIds(),
+            "eager": lambda: StagedIds(SeededIds(seed)),
+            "sdk": lambda: SeededIds(seed),
+        }[ids]()
+        self.provider = TracerProvider(
+            sampler=sampler or ParentBased(ALWAYS_ON), id_generator=generator
+        )
+        self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+
+    def spans(self, name: str | None = None) -> list[ReadableSpan]:
+        return [s for s in self.exporter.get_finished_spans() if name is None or s.name == name]
+
+    async def wait_for(self, count: int, name: str | None = None) -> list[ReadableSpan]:
+        """Spans that end after the caller got its answer (cancelled, timed out) end soon."""
+        for _ in range(300):
+            found = self.spans(name)
+            if len(found) >= count:
+                return found
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"expected {count} spans named {name}, got {self.spans(name)}")
+
+
+@pytest.fixture
+def traces() -> Iterator[Traces]:
+    made = Traces()
+    yield made
+    made.provider.shutdown()
+
+
+@asynccontextmanager
+async def running(
+    links: Sequence[ServerLink],
+    *,
+    course: CourseDouble | None = None,
+    files: FileDouble | None = None,
+    client_interceptors: Sequence[aio.ClientInterceptor] = (),
+) -> AsyncIterator[tuple[Served, aio.Channel]]:
+    """A server with ``links`` and a channel to it."""
+    served = await serve(links, course=course or CourseDouble(), files=files)
+    channel = aio.insecure_channel(served.address, interceptors=for_every_kind(client_interceptors))
+    try:
+        yield served, channel
+    finally:
+        await channel.close()
+        await served.stop()
+
+
+def get_course() -> course_pb2.GetCourseRequest:
+    return course_pb2.GetCourseRequest(course_id=COURSE_ID)
+
+
+def hex_of(trace_id: int) -> str:
+    return f"{trace_id:032x}"
+
+
+class Unmapped(CourseDouble):
+    """A handler bug: an exception nobody maps, with text that must not leave the process."""
+
+    async def GetCourse(self, request: Any, context: aio.ServicerContext) -> Any:
+        raise RuntimeError("SELECT password_hash FROM auth_users")
+
+
+class RawMetadata(CourseDouble):
+    """B that keeps the metadata pairs exactly as they arrived (repeats included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received: list[tuple[tuple[str, Any], ...]] = []
+
+    async def GetCourse(self, request: Any, context: aio.ServicerContext) -> Any:
+        self.received.append(tuple(context.invocation_metadata() or ()))
+        return await super().GetCourse(request, context)
+
+
+class Relay(CourseDouble):
+    """A: answers GetCourse by asking B while serving the call (A calls B)."""
+
+    def __init__(self, b_channel: aio.Channel) -> None:
+        super().__init__()
+        self.b = course_pb2_grpc.CourseServiceStub(b_channel)
+
+    async def GetCourse(self, request: Any, context: aio.ServicerContext) -> Any:
+        logging.getLogger("tests.relay").info("asking B", extra={"course_id": request.course_id})
+        # A stale traceparent of the caller's own must be replaced, not sent twice.
+        stale = (("traceparent", f"00-{'1' * 32}-{'2' * 16}-01"),)
+        return await self.b.GetCourse(request, metadata=stale)
+
+
+class SlowFiles(FileDouble):
+    """Download: one chunk, then either a failure or a long wait (to be cancelled)."""
+
+    def __init__(self, fail: grpc.StatusCode | None = None) -> None:
+        self.fail = fail
+
+    async def Download(self, request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+        yield file_pb2.DownloadResponse(chunk=b"first")
+        if self.fail is not None:
+            await context.abort(self.fail, "the stored bytes are damaged")
+        await asyncio.sleep(30)
+        yield file_pb2.DownloadResponse(chunk=b"never")
+
+
+def uploads() -> Iterator[file_pb2.UploadRequest]:
+    yield file_pb2.UploadRequest(
+        header=file_pb2.UploadHeader(
+            filename="notes.txt",
+            content_type="text/plain",
+            size=8,
+            purpose=file_pb2.PURPOSE_ATTACHMENT,
+        )
+    )
+    yield file_pb2.UploadRequest(chunk=b"abcd")
+    yield file_pb2.UploadRequest(chunk=b"efgh")
+
+
+# --- server spans ----------------------------------------------------------------------------
+
+
+async def test_server_span_of_an_ok_call_has_name_rpc_attributes_and_peer(
+    traces: Traces,
+) -> None:
+    async with running([RequestId(), Tracing(traces.provider), ErrorMapping()]) as (_, channel):
+        reply = await course_pb2_grpc.CourseServiceStub(channel).GetCourse(
+            get_course(), metadata=(("x-request-id", "req-span-ok"),)
+        )
+    assert reply.course.id == COURSE_ID
+    (span,) = traces.spans()
+    assert span.name == GET_COURSE
+    assert span.kind is SpanKind.SERVER
+    assert span.parent is None  # no traceparent: a new trace
+    attributes = dict(span.attributes or {})
+    assert attributes["rpc.system"] == "grpc"
+    assert attributes["rpc.service"] == COURSE
+    assert attributes["rpc.method"] == "GetCourse"
+    assert attributes["rpc.grpc.status_code"] == 0
+    assert attributes["network.peer.address"] == "127.0.0.1"
+    assert attributes["learnmesh.request_id"] == "req-span-ok"
+    assert span.status.status_code is StatusCode.UNSET
+
+
+async def test_aborted_calls_record_the_final_code_and_only_server_faults_are_errors(
+    traces: Traces,
+) -> None:
+    course = CourseDouble()
+    links = [RequestId(), Tracing(traces.provider), ErrorMapping()]
+    async with running(links, course=course) as (_, channel):
+        stub = course_pb2_grpc.CourseServiceStub(channel)
+        for code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
+            course.script.fail_times, course.script.fail_code = 1, code
+            with pytest.raises(aio.AioRpcError) as caught:
+                await stub.GetCourse(get_course())
+            assert caught.value.code() is code
+    not_found, unavailable = traces.spans()
+    assert not_found.attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
+    assert not_found.status.status_code is StatusCode.UNSET  # the caller's fault, not ours
+    assert unavailable.attributes["rpc.grpc.status_code"] == 14
+    assert unavailable.status.status_code is StatusCode.ERROR
+    assert unavailable.status.description == "UNAVAILABLE: scripted failure"
+
+
+async def test_an_unmapped_exception_is_internal_and_its_text_stays_out_of_the_span(
+    traces: Traces,
+) -> None:
+    links = [RequestId(), Tracing(traces.provider), ErrorMapping()]
+    async with running(links, course=Unmapped()) as (_, channel):
+        with pytest.raises(aio.AioRpcError) as caught:
+            await course_pb2_grpc.CourseServiceStub(channel).GetCourse(get_course())
+    assert caught.value.code() is grpc.StatusCode.INTERNAL
+    (span,) = traces.spans()
+    assert span.attributes["rpc.grpc.status_code"] == 13
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.status.description.startswith("INTERNAL: internal error")
+    assert "SELECT" not in span.status.description
+    assert not span.events  # no exception event carrying the text either
+
+
+async def test_without_error_mapping_an_escaping_exception_is_unknown(traces: Traces) -> None:
+    async with running([Tracing(traces.provider)], course=Unmapped()) as (_, channel):
+        with pytest.raises(aio.AioRpcError) as caught:
+            await course_pb2_grpc.CourseServiceStub(channel).GetCourse(get_course())
+    assert caught.value.code() is grpc.StatusCode.UNKNOWN
+    (span,) = traces.spans()
+    assert span.attributes["rpc.grpc.status_code"] == 2
+    assert span.status.description == "UNKNOWN"
+
+
+async def test_deadline_exceeded_and_cancelled_calls(traces: Traces) -> None:
+    course = CourseDouble()
+    course.script.delay = 2.0
+    async with running([Tracing(traces.provider)], course=course) as (_, channel):
+        stub = course_pb2_grpc.CourseServiceStub(channel)
+        with pytest.raises(aio.AioRpcError) as caught:
+            await stub.GetCourse(get_course(), timeout=0.2)
+        assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        (timed_out,) = await traces.wait_for(1)
+
+        call = stub.GetCourse(get_course())
+        await asyncio.sleep(0.2)
+        call.cancel()
+        _, cancelled = await traces.wait_for(2)
+    assert course.script.cancelled == 2
+    assert timed_out.attributes["rpc.grpc.status_code"] == 4
+    assert timed_out.status.status_code is StatusCode.ERROR
+    assert cancelled.attributes["rpc.grpc.status_code"] == 1
+    assert cancelled.status.status_code is StatusCode.UNSET
+
+
+async def test_traceparent_in_metadata_becomes_the_parent(traces: Traces) -> None:
+    async with running([Tracing(traces.provider)]) as (_, channel):
+        stub = course_pb2_grpc.CourseServiceStub(channel)
+        await stub.GetCourse(
+            get_course(),
+            metadata=(
+                ("traceparent", f"00-{TRACE_HEX}-{SPAN_HEX}-01"),
+                ("tracestate", "vendor=opaque,other=1"),
+            ),
+        )
+        # Malformed headers start a new trace rather than failing the call.
+        for bad in (f"00-{'0' * 32}-{SPAN_HEX}-01", f"ff-{TRACE_HEX}-{SPAN_HEX}-01", "junk"):
+            await stub.GetCourse(get_course(), metadata=(("traceparent", bad),))
+    child, *fresh = traces.spans()
+    assert hex_of(child.context.trace_id) == TRACE_HEX
+    assert child.parent is not None
+    assert f"{child.parent.span_id:016x}" == SPAN_HEX
+    assert child.parent.is_remote
+    assert child.context.span_id != child.parent.span_id
+    assert child.context.trace_state.get("vendor") == "opaque"
+    assert len(fresh) == 3
+    for span in fresh:
+        assert span.parent is None
+        assert hex_of(span.context.trace_id) != TRACE_HEX
+
+
+async def test_a_calls_b_one_trace_with_parent_and_child_links(traces: Traces) -> None:
+    b_course = RawMetadata()
+    b_links = [RequestId(), Tracing(traces.provider), ErrorMapping()]
+    async with running(b_links, course=b_course) as (b, _):
+        b_channel = aio.insecure_channel(
+            b.address,
+            interceptors=for_every_kind([ClientTracing(traces.provider), ClientRequestId()]),
+        )
+        links = [RequestId(), Tracing(traces.provider), ErrorMapping()]
+        async with running(links, course=Relay(b_channel)) as (_, a_channel):
+            reply = await course_pb2_grpc.CourseServiceStub(a_channel).GetCourse(
+                get_course(), metadata=(("x-request-id", "req-a-to-b"),)
+            )
+        await b_channel.close()
+    assert reply.course.id == COURSE_ID
+    spans = traces.spans(GET_COURSE)
+    assert len(spans) == 3
+    a_server = next(s for s in spans if s.kind is SpanKind.SERVER and s.parent is None)
+    (a_client,) = [s for s in spans if s.kind is SpanKind.CLIENT]
+    b_server = next(s for s in spans if s.kind is SpanKind.SERVER and s.parent is not None)
+    assert {s.context.trace_id for s in spans} == {a_server.context.trace_id}
+    assert a_client.parent.span_id == a_server.context.span_id
+    assert not a_client.parent.is_remote
+    assert b_server.parent.span_id == a_client.context.span_id
+    assert b_server.parent.is_remote
+    assert a_client.attributes["rpc.service"] == COURSE
+    assert a_client.attributes["rpc.method"] == "GetCourse"
+    assert a_client.attributes["rpc.grpc.status_code"] == 0
+    assert a_client.status.status_code is StatusCode.UNSET
+    # B received exactly one traceparent (the client span's) and A's request id.
+    (received,) = b_course.received
+    flags = f"{a_client.context.trace_flags:02x}"
+    assert [value for key, value in received if key == "traceparent"] == [
+        f"00-{hex_of(a_client.context.trace_id)}-{a_client.context.span_id:016x}-{flags}"
+    ]
+    assert b_server.attributes["learnmesh.request_id"] == "req-a-to-b"
+
+
+async def test_a_failing_b_marks_the_client_span(traces: Traces) -> None:
+    b_course = CourseDouble()
+    b_course.script.fail_times, b_course.script.fail_code = 1, grpc.StatusCode.PERMISSION_DENIED
+    async with running([Tracing(traces.provider)], course=b_course) as (b, _):
+        channel = aio.insecure_channel(
+            b.address, interceptors=for_every_kind([ClientTracing(traces.provider)])
+        )
+        with pytest.raises(aio.AioRpcError):
+            await course_pb2_grpc.CourseServiceStub(channel).GetCourse(get_course())
+        await channel.close()
+    (client,) = [s for s in traces.spans() if s.kind is SpanKind.CLIENT]
+    assert client.parent is None  # nothing was current: the client span is the root
+    assert client.attributes["rpc.grpc.status_code"] == 7
+    assert client.status.status_code is StatusCode.ERROR  # any failure, for a client span
+    assert client.status.description == "PERMISSION_DENIED"
+
+
+# --- streaming --------------------------------------------------------------------------------
+
+
+async def test_streaming_calls_get_spans_with_their_final_status(traces: Traces) -> None:
+    client = ClientTracing(traces.provider)
+    async with running(
+        [RequestId(), Tracing(traces.provider), ErrorMapping()],
+        files=FileDouble(),
+        client_interceptors=[client],
+    ) as (_, channel):
+        stub = file_pb2_grpc.FileServiceStub(channel)
+        uploaded = await stub.Upload(uploads())
+        chunks = [m.chunk async for m in stub.Download(file_pb2.DownloadRequest(file_id=COURSE_ID))]
+        await traces.wait_for(2, f"{FILES}/Download")
+    assert uploaded.file.size == 8
+    assert chunks == [bytes([i]) * 4 for i in range(3)]
+    for name in ("Upload", "Download"):
+        server, client_span = sorted(
+            traces.spans(f"{FILES}/{name}"), key=lambda s: s.kind is SpanKind.CLIENT
+        )
+        assert server.kind is SpanKind.SERVER and client_span.kind is SpanKind.CLIENT
+        assert server.attributes["rpc.method"] == name
+        assert server.attributes["rpc.grpc.status_code"] == 0
+        assert client_span.attributes["rpc.grpc.status_code"] == 0
+        assert server.parent.span_id == client_span.context.span_id
+        assert server.context.trace_id == client_span.context.trace_id
+
+
+async def test_streaming_failure_and_cancellation_mid_stream(traces: Traces) -> None:
+    links = [RequestId(), Tracing(traces.provider), ErrorMapping()]
+    async with running(links, files=SlowFiles(fail=grpc.StatusCode.DATA_LOSS)) as (_, channel):
+        call = file_pb2_grpc.FileServiceStub(channel).Download(
+            file_pb2.DownloadRequest(file_id=COURSE_ID)
+        )
+        with pytest.raises(aio.AioRpcError) as caught:
+            async for _ in call:
+                pass
+        assert caught.value.code() is grpc.StatusCode.DATA_LOSS
+    async with running(links, files=SlowFiles()) as (_, channel):
+        call = file_pb2_grpc.FileServiceStub(channel).Download(
+            file_pb2.DownloadRequest(file_id=COURSE_ID)
+        )
+        first = await call.read()
+        assert first.chunk == b"first"
+        call.cancel()
+        failed, cancelled = await traces.wait_for(2)
+    assert failed.attributes["rpc.grpc.status_code"] == grpc.StatusCode.DATA_LOSS.value[0]
+    assert failed.status.status_code is StatusCode.ERROR
+    assert "damaged" in failed.status.description
+    assert cancelled.attributes["rpc.grpc.status_code"] == 1
+    assert cancelled.status.status_code is StatusCode.UNSET
+
+
+# --- sampling ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def seeded_random() -> Iterator[None]:
+    """The lazy path draws from the random module: seed it, and restore it afterwards."""
+    state = random.getstate()
+    random.seed(20241123)
+    yield
+    random.setstate(state)
+
+
+@pytest.mark.parametrize("ids", ID_MODES)
+@pytest.mark.usefixtures("seeded_random")
+async def test_ten_percent_parent_based_sampling_records_about_a_tenth_of_roots(
+    ids: str,
+) -> None:
+    sampled = Traces(ParentBased(TraceIdRatioBased(0.1)), ids=ids, seed=20241123)
+    async with running([Tracing(sampled.provider)]) as (_, channel):
+        stub = course_pb2_grpc.CourseServiceStub(channel)
+        for _ in range(400):
+            await stub.GetCourse(get_course())
+    spans = sampled.spans()
+    # 40 expected (binomial sd about 6); the seeds make the count the same on every run.
+    assert 22 <= len(spans) <= 60, len(spans)
+    bound = TraceIdRatioBased(0.1).bound
+    assert all(s.context.trace_id & TraceIdRatioBased.TRACE_ID_LIMIT < bound for s in spans)
+    assert all(s.parent is None for s in spans)
+    sampled.provider.shutdown()
+
+
+@pytest.mark.parametrize("ids", ID_MODES)
+async def test_sampling_follows_the_callers_decision(ids: str) -> None:
+    sampled = Traces(ParentBased(TraceIdRatioBased(0.1)), ids=ids)
+    async with running([Tracing(sampled.provider)]) as (_, channel):
+        stub = course_pb2_grpc.CourseServiceStub(channel)
+        for flags, count in (("00", 20), ("01", 20)):
+            for i in range(count):
+                parent = f"00-{i + 1:032x}-{SPAN_HEX}-{flags}"
+                await stub.GetCourse(get_course(), metadata=(("traceparent", parent),))
+    spans = sampled.spans()
+    # Not one of the 20 calls with an unsampled parent was recorded; all 20 sampled ones were.
+    assert len(spans) == 20
+    assert {s.context.trace_id for s in spans} == set(range(1, 21))
+    sampled.provider.shutdown()
+
+
+@pytest.mark.parametrize("ids", ID_MODES)
+@pytest.mark.usefixtures("seeded_random")
+async def test_a_roots_decision_travels_to_b(ids: str) -> None:
+    sampled = Traces(ParentBased(TraceIdRatioBased(0.1)), ids=ids, seed=7)
+    b_course = RawMetadata()
+    async with running([Tracing(sampled.provider)], course=b_course) as (b, _):
+        b_channel = aio.insecure_channel(
+            b.address, interceptors=for_every_kind([ClientTracing(sampled.provider)])
+        )
+        links = [Tracing(sampled.provider), ErrorMapping()]
+        async with running(links, course=Relay(b_channel)) as (_, a_channel):
+            stub = course_pb2_grpc.CourseServiceStub(a_channel)
+            for _ in range(100):
+                await stub.GetCourse(get_course())
+        await b_channel.close()
+    spans = sampled.spans()
+    roots = {s.context.trace_id for s in spans if s.parent is None}
+    assert 2 <= len(roots) <= 25
+    # Every sampled trace is complete (A server, A client, B server) and nothing else exists.
+    assert len(spans) == 3 * len(roots)
+    assert {s.context.trace_id for s in spans} == roots
+    # The dropped calls still told B their trace id and decision: 100 distinct traces.
+    sent = [dict(pairs)["traceparent"] for pairs in b_course.received]
+    assert len({value.split("-")[1] for value in sent}) == 100
+    assert sum(value.endswith("-01") or value.endswith("-03") for value in sent) == len(roots)
+    sampled.provider.shutdown()
+
+
+class Coin(Sampler):
+    """A sampler the fast path does not know: the SDK must decide with it."""
+
+    def should_sample(self, *args: Any, **kwargs: Any) -> Any:
+        return ALWAYS_ON.should_sample(*args, **kwargs)
+
+    def get_description(self) -> str:
+        return "Coin"
+
+
+@pytest.mark.parametrize(
+    ("sampler", "known"),
+    [
+        (ParentBased(TraceIdRatioBased(0.1)), True),
+        (ParentBasedTraceIdRatio(0.5), True),
+        (ParentBased(ALWAYS_ON), True),
+        (ParentBased(ALWAYS_OFF), True),
+        (TraceIdRatioBased(0.3), True),
+        (ALWAYS_OFF, True),
+        (ALWAYS_ON, False),  # nothing to drop: the SDK path costs the same
+        (Coin(), False),
+        (ParentBased(Coin()), False),
+        (ParentBased(TraceIdRatioBased(0.1), remote_parent_not_sampled=ALWAYS_ON), False),
+    ],
+)
+def test_the_fast_path_is_taken_only_for_samplers_it_can_follow(
+    sampler: Sampler, known: bool
+) -> None:
+    assert (SpanStarter(Traces(sampler).provider).rule is not None) is known
+    assert SpanStarter(Traces(sampler, ids="sdk").provider).rule is None
+
+
+@pytest.mark.parametrize("ids", ["lazy", "eager"])
+@pytest.mark.usefixtures("seeded_random")
+def test_dropped_and_sampled_roots_keep_the_ratio_rule(ids: str) -> None:
+    sampler = ParentBased(TraceIdRatioBased(0.25))
+    traces = Traces(sampler, ids=ids, seed=3)
+    starter = SpanStarter(traces.provider)
+    spans = [starter.start("root", SpanKind.SERVER, Context(), None, {}) for _ in range(2000)]
+    recorded = [span for span in spans if span.is_recording()]
+    assert 400 <= len(recorded) <= 600
+    for span in spans:
+        span_context = span.get_span_context()
+        assert span_context.is_valid
+        assert span.get_span_context() is span_context  # drawn once, then kept
+        low = span_context.trace_id & TraceIdRatioBased.TRACE_ID_LIMIT
+        assert (low < sampler._root.bound) is span.is_recording()
+        assert span_context.trace_flags.sampled is span.is_recording()
+        assert span_context.trace_flags.random_trace_id  # both id generators are random
+    assert len({s.get_span_context().trace_id for s in spans}) == 2000
+    for span in recorded:
+        span.end()
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+def sample(registry: CollectorRegistry, name: str, method: str, code: str, **extra: str) -> float:
+    service = FILES if method in ("Upload", "Download") else COURSE
+    labels = {"service": service, "method": method, "code": code, **extra}
+    return registry.get_sample_value(name, labels) or 0.0
+
+
+async def test_metrics_count_calls_and_time_them_by_method_and_final_code() -> None:
+    registry = CollectorRegistry()
+    course = CourseDouble()
+    links = [RequestId(), Metrics(registry, access_log=False), ErrorMapping()]
+    async with running(links, course=course, files=FileDouble()) as (_, channel):
+        stub = course_pb2_grpc.CourseServiceStub(channel)
+        for _ in range(3):
+            await stub.GetCourse(get_course())
+        course.script.fail_times, course.script.fail_code = 2, grpc.StatusCode.NOT_FOUND
+        for _ in range(2):
+            with pytest.raises(aio.AioRpcError):
+                await stub.GetCourse(get_course())
+        files = file_pb2_grpc.FileServiceStub(channel)
+        async for _ in files.Download(file_pb2.DownloadRequest(file_id=COURSE_ID)):
+            pass
+        await files.Upload(uploads())
+    calls = "learnmesh_rpc_server_calls_total"
+    duration = "learnmesh_rpc_server_duration_seconds"
+    assert sample(registry, calls, "GetCourse", "OK") == 3
+    assert sample(registry, calls, "GetCourse", "NOT_FOUND") == 2
+    assert sample(registry, calls, "Download", "OK") == 1
+    assert sample(registry, calls, "Upload", "OK") == 1
+    assert sample(registry, f"{duration}_count", "GetCourse", "OK") == 3
+    assert sample(registry, f"{duration}_count", "GetCourse", "NOT_FOUND") == 2
+    assert sample(registry, f"{duration}_bucket", "GetCourse", "OK", le="+Inf") == 3
+    assert 0 < sample(registry, f"{duration}_sum", "GetCourse", "OK") < 3
+    # Most trivial calls here take well under 100 ms.
+    assert sample(registry, f"{duration}_bucket", "GetCourse", "OK", le="0.1") >= 1
+    text = generate_latest(registry).decode()
+    assert "# TYPE learnmesh_rpc_server_duration_seconds histogram" in text
+    assert (
+        'learnmesh_rpc_server_calls_total{code="NOT_FOUND",method="GetCourse",'
+        f'service="{COURSE}"}} 2.0'
+    ) in text
+
+
+async def test_two_metrics_links_on_one_registry_share_the_collectors() -> None:
+    registry = CollectorRegistry()
+    first, second = Metrics(registry, access_log=False), Metrics(registry, access_log=False)
+    assert first.instruments is second.instruments
+    async with running([second]) as (_, channel):
+        await course_pb2_grpc.CourseServiceStub(channel).GetCourse(get_course())
+    assert sample(registry, "learnmesh_rpc_server_calls_total", "GetCourse", "OK") == 1
+
+
+# --- the access log ---------------------------------------------------------------------------
+
+
+class Lines(logging.Handler):
+    """Formats records where they are logged, as the real handler does, and keeps them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(telemetry.JsonFormatter())
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+    def objects(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.lines]
+
+
+@pytest.fixture
+def access_lines() -> Iterator[Lines]:
+    logger = logging.getLogger(ACCESS_LOGGER)
+    handler, level = Lines(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+ISO_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+async def test_access_log_writes_one_json_line_per_call(
+    traces: Traces, access_lines: Lines
+) -> None:
+    course = CourseDouble()
+    links = [RequestId(), Tracing(traces.provider), Metrics(CollectorRegistry()), ErrorMapping()]
+    async with running(links, course=course) as (_, channel):
+        stub = course_pb2_grpc.CourseServiceStub(channel)
+        await stub.GetCourse(get_course(), metadata=(("x-request-id", "req-access-1"),))
+        course.script.fail_times, course.script.fail_code = 1, grpc.StatusCode.NOT_FOUND
+        with pytest.raises(aio.AioRpcError):
+            await stub.GetCourse(get_course(), metadata=(("x-request-id", "req-access-2"),))
+    ok, failed = access_lines.objects()
+    ok_span, failed_span = traces.spans()
+    assert ok["logger"] == "learnmesh.access"
+    assert ok["level"] == "INFO"
+    assert ISO_TIME.fullmatch(ok["time"])
+    assert ok["request_id"] == "req-access-1"
+    assert ok["trace_id"] == hex_of(ok_span.context.trace_id)
+    assert ok["span_id"] == f"{ok_span.context.span_id:016x}"
+    assert ok["peer"] == "127.0.0.1"
+    assert ok["method"] == f"/{GET_COURSE}"
+    assert ok["status"] == "OK"
+    assert isinstance(ok["duration_ms"], float)
+    assert 0 < ok["duration_ms"] < 5000
+    assert "peer_identity" not in ok  # plaintext: no mTLS identity to report
+    assert ok["message"].startswith(f"/{GET_COURSE} OK ")
+    assert failed["request_id"] == "req-access-2"
+    assert failed["status"] == "NOT_FOUND"
+    assert failed["trace_id"] == hex_of(failed_span.context.trace_id)
+    assert failed["trace_id"] != ok["trace_id"]
+
+
+async def test_access_log_is_skipped_when_off_or_the_logger_is_quiet(
+    access_lines: Lines,
+) -> None:
+    registry = CollectorRegistry()
+    async with running([Metrics(registry, access_log=False)]) as (_, channel):
+        await course_pb2_grpc.CourseServiceStub(channel).GetCourse(get_course())
+    logging.getLogger(ACCESS_LOGGER).setLevel(logging.WARNING)
+    async with running([Metrics(registry)]) as (_, channel):
+        await course_pb2_grpc.CourseServiceStub(channel).GetCourse(get_course())
+    assert access_lines.lines == []
+    assert sample(registry, "learnmesh_rpc_server_calls_total", "GetCourse", "OK") == 2
+
+
+async def test_setup_logging_lines_written_during_a_call_carry_its_ids(traces: Traces) -> None:
+    stream = io.StringIO()
+    root = logging.getLogger()
+    root_level = root.level
+    access_level = logging.getLogger(ACCESS_LOGGER).level
+    switches = (logging.logThreads, logging.logProcesses, logging.logMultiprocessing)
+    handler = telemetry.setup_logging("INFO", stream=stream)
+    try:
+        logging.getLogger("tests.outside").info("no call here")
+        b_course = CourseDouble()
+        async with running([Tracing(traces.provider)], course=b_course) as (b, _):
+            b_channel = aio.insecure_channel(
+                b.address, interceptors=for_every_kind([ClientTracing(traces.provider)])
+            )
+            links = [RequestId(), Tracing(traces.provider), Metrics(CollectorRegistry())]
+            async with running(links, course=Relay(b_channel)) as (_, channel):
+                await course_pb2_grpc.CourseServiceStub(channel).GetCourse(
+                    get_course(), metadata=(("x-request-id", "req-logged"),)
+                )
+            await b_channel.close()
+    finally:
+        root.removeHandler(handler)
+        handler.close()  # writes what is queued, then stops the writer thread
+        root.setLevel(root_level)
+        logging.getLogger(ACCESS_LOGGER).setLevel(access_level)
+        logging.logThreads, logging.logProcesses, logging.logMultiprocessing = switches
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    outside = next(line for line in lines if line["logger"] == "tests.outside")
+    assert "request_id" not in outside and "trace_id" not in outside
+    relay = next(line for line in lines if line["logger"] == "tests.relay")
+    a_server = next(s for s in traces.spans() if s.kind is SpanKind.SERVER and s.parent is None)
+    assert relay["message"] == "asking B"
+    assert relay["level"] == "INFO"
+    assert relay["course_id"] == COURSE_ID  # extra fields are kept
+    assert relay["request_id"] == "req-logged"
+    assert relay["trace_id"] == hex_of(a_server.context.trace_id)
+    assert relay["span_id"] == f"{a_server.context.span_id:016x}"
+    (access,) = [line for line in lines if line["logger"] == "learnmesh.access"]
+    assert access["request_id"] == "req-logged"
+    assert access["trace_id"] == relay["trace_id"]
+
+
+class StalledStream(io.StringIO):
+    """A stream whose writes wait until released, like a pipe nobody reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.release.wait(10)
+        return super().write(text)
+
+
+def test_a_stalled_stream_drops_lines_instead_of_piling_them_up() -> None:
+    stream = StalledStream()
+    writer = telemetry.LineWriter(stream, max_queued=5)
+    started = time.monotonic()
+    for i in range(50):
+        writer.put(f"line {i}\n")
+    assert time.monotonic() - started < 0.5  # logging never waited for the stream
+    stream.release.set()
+    writer.stop()
+    text = stream.getvalue()
+    kept = [line for line in text.splitlines() if line.startswith("line ")]
+    assert 5 <= len(kept) < 50
+    (notice,) = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    assert notice["message"] == f"{50 - len(kept)} log lines dropped"
+
+
+def test_text_logging_keeps_the_ids() -> None:
+    record = logging.LogRecord("x", logging.INFO, "", 0, "hello %s", ("you",), None)
+    record.request_id = "req-text"
+    line = telemetry.TextFormatter().format(record)
+    assert line.endswith("INFO x: hello you [request=req-text]")
+
+
+# --- setting up tracing from OTEL_* ------------------------------------------------------------
+
+
+@pytest.fixture
+def otel_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in list(os.environ):
+        if name.startswith("OTEL_"):
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def processors(provider: TracerProvider) -> tuple[Any, ...]:
+    # The SDK keeps them privately; the count is what "no exporter" means.
+    return tuple(provider._active_span_processor._span_processors)
+
+
+def test_unset_exporter_means_none_and_defaults_apply(otel_env: pytest.MonkeyPatch) -> None:
+    provider = telemetry.setup_tracing("svc-default", set_global=False)
+    assert processors(provider) == ()
+    assert isinstance(provider.id_generator, StagedIds)  # the tracing links' fast path
+    assert provider.resource.attributes["service.name"] == "svc-default"
+    assert provider.sampler.get_description().startswith("ParentBased{root:AlwaysOnSampler")
+    provider.shutdown()
+    otel_env.setenv("OTEL_TRACES_EXPORTER", "none")
+    provider = telemetry.setup_tracing("svc-default", set_global=False)
+    assert processors(provider) == ()
+    provider.shutdown()
+
+
+def test_sampler_and_resource_come_from_the_environment(otel_env: pytest.MonkeyPatch) -> None:
+    otel_env.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    otel_env.setenv("OTEL_TRACES_SAMPLER_ARG", "0.25")
+    otel_env.setenv("OTEL_SERVICE_NAME", "from-env")
+    otel_env.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test")
+    provider = telemetry.setup_tracing("svc-given", set_global=False)
+    assert "TraceIdRatioBased{0.25}" in provider.sampler.get_description()
+    assert provider.resource.attributes["service.name"] == "from-env"
+    assert provider.resource.attributes["deployment.environment"] == "test"
+    provider.shutdown()
+
+
+def test_console_exporter_prints_spans_promptly(
+    otel_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    otel_env.setenv("OTEL_TRACES_EXPORTER", "console")
+    provider = telemetry.setup_tracing("svc-console", set_global=False)
+    provider.get_tracer("tests").start_span("hello-console").end()
+    deadline = time.monotonic() + 3
+    out = ""
+    while "hello-console" not in out and time.monotonic() < deadline:
+        time.sleep(0.05)
+        out += capsys.readouterr().out
+    provider.shutdown()
+    assert time.monotonic() < deadline, "the span was not printed within 3 s"
+    assert '"service.name": "svc-console"' in out + capsys.readouterr().out
+
+
+def test_otlp_exporter_and_refused_settings(otel_env: pytest.MonkeyPatch) -> None:
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    otel_env.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    otel_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    provider = telemetry.setup_tracing("svc-otlp", set_global=False)
+    (processor,) = processors(provider)
+    assert isinstance(processor.span_exporter, OTLPSpanExporter)
+    provider.shutdown()
+    otel_env.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+    with pytest.raises(ConfigError, match="OTEL_EXPORTER_OTLP_PROTOCOL"):
+        telemetry.setup_tracing("svc-otlp", set_global=False)
+    otel_env.setenv("OTEL_TRACES_EXPORTER", "zipkin")
+    with pytest.raises(ConfigError, match="OTEL_TRACES_EXPORTER: 'zipkin'"):
+        telemetry.setup_tracing("svc-otlp", set_global=False)
+
+
+# --- two processes, as an operator sees it ----------------------------------------------------
+
+
+def decoded(text: str) -> list[dict[str, Any]]:
+    """The JSON objects printed one after another (the console exporter indents them)."""
+    decoder, found, at = json.JSONDecoder(), [], 0
+    while (start := text.find("{", at)) != -1:
+        value, at = decoder.raw_decode(text, start)
+        found.append(value)
+    return found
+
+
+async def test_a_and_b_in_separate_processes_share_one_trace_on_the_console(
+    traces: Traces,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update(OTEL_TRACES_EXPORTER="console", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    b = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.traced_server",
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert b.stdout is not None
+        first = await asyncio.wait_for(b.stdout.readline(), timeout=30)
+        port = int(first.decode().split()[1])
+        b_channel = aio.insecure_channel(
+            f"127.0.0.1:{port}",
+            interceptors=for_every_kind([ClientTracing(traces.provider), ClientRequestId()]),
+        )
+        links = [RequestId(), Tracing(traces.provider), ErrorMapping()]
+        async with running(links, course=Relay(b_channel)) as (_, channel):
+            await course_pb2_grpc.CourseServiceStub(channel).GetCourse(
+                get_course(), metadata=(("x-request-id", "req-two-processes"),)
+            )
+        await b_channel.close()
+    finally:
+        if b.returncode is None:
+            b.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(b.communicate(), timeout=30)
+    assert b.returncode == 0, err.decode()
+    (b_span,) = [s for s in decoded(out.decode()) if s.get("name") == GET_COURSE]
+    (a_client,) = [s for s in traces.spans() if s.kind is SpanKind.CLIENT]
+    assert b_span["kind"] == "SpanKind.SERVER"
+    assert b_span["context"]["trace_id"] == f"0x{a_client.context.trace_id:032x}"
+    assert b_span["parent_id"] == f"0x{a_client.context.span_id:016x}"
+    assert b_span["resource"]["attributes"]["service.name"] == "course-double"
+    assert b_span["attributes"]["learnmesh.request_id"] == "req-two-processes"
+    access = [
+        line
+        for line in (json.loads(raw) for raw in err.decode().splitlines() if raw.startswith("{"))
+        if line["logger"] == "learnmesh.access"
+    ]
+    assert len(access) == 1
+    assert access[0]["request_id"] == "req-two-processes"
+    assert access[0]["trace_id"] == f"{a_client.context.trace_id:032x}"
