@@ -119,6 +119,7 @@ class Round:
     bare_signed_in: float
     full_public: float
     full_signed_in: float
+    full_console: float
     tracing100: float
     tracing10: float
 
@@ -131,11 +132,21 @@ def one_round(load: h2load.Load) -> Round:
         bearer = (("authorization", f"Bearer {asyncio.run(_token(address))}"),)
         full_public = measure(address, PUBLIC, load)
         full_signed_in = measure(address, SIGNED_IN, load, bearer)
+    with server("full-console") as address:
+        full_console = measure(address, PUBLIC, load)
     with server("tracing100") as address:
         tracing100 = measure(address, PUBLIC, load)
     with server("tracing10") as address:
         tracing10 = measure(address, PUBLIC, load)
-    return Round(bare_public, bare_signed_in, full_public, full_signed_in, tracing100, tracing10)
+    return Round(
+        bare_public,
+        bare_signed_in,
+        full_public,
+        full_signed_in,
+        full_console,
+        tracing100,
+        tracing10,
+    )
 
 
 def report(rounds: list[Round], load: h2load.Load) -> str:
@@ -149,6 +160,12 @@ def report(rounds: list[Round], load: h2load.Load) -> str:
             "full_signed_in",
             "bare_signed_in",
             ">= 0.50",
+        ),
+        (
+            "full chain, public read, spans exported to the console",
+            "full_console",
+            "bare_public",
+            "-",
         ),
         ("tracing link alone, 100 % sampling", "tracing100", "bare_public", ">= 0.75"),
         ("tracing link alone, 10 % sampling", "tracing10", "bare_public", ">= 0.95"),

@@ -21,7 +21,7 @@ from typing import Any
 import jwt
 from grpc import aio
 
-from interceptors.chain import Behavior, ServerLink, guard
+from interceptors.chain import Behavior, ServerLink, call_metadata, guard
 from interceptors.method import MethodInfo
 from learnmesh import principal
 from learnmesh.common.v1 import access_pb2
@@ -179,7 +179,7 @@ class AccessPolicy(ServerLink):
         verifier = self.verifier
 
         async def check(request: Any, context: aio.ServicerContext) -> None:
-            token = bearer_token(context.invocation_metadata())
+            token = bearer_token(call_metadata(context))
             if access == access_pb2.ACCESS_INTERNAL:
                 if token is not None:
                     raise PermissionDenied(f"{method.name} is for mesh services, not end users")

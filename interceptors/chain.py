@@ -42,6 +42,16 @@ def add_trailers(context: aio.ServicerContext, *pairs: tuple[str, str | bytes]) 
     context.set_trailing_metadata(tuple(found))
 
 
+_metadata: ContextVar[Any] = ContextVar("learnmesh_call_metadata", default=None)
+
+
+def call_metadata(context: aio.ServicerContext) -> Any:
+    """The call's invocation metadata, read once per call by the chain (asking the context
+    builds a fresh tuple every time, which several links would otherwise each pay for)."""
+    found = _metadata.get()
+    return found if found is not None else context.invocation_metadata()
+
+
 def trailers() -> tuple[tuple[str, str | bytes], ...]:
     """The trailing metadata links added to the current call (errors re-send it on abort)."""
     return tuple(_trailers.get() or ())
@@ -207,6 +217,8 @@ class ServerChain(aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
+        # Set here, it reaches the handler's context (grpc runs both in the call's task).
+        _metadata.set(handler_call_details.invocation_metadata or ())
         name = handler_call_details.method
         cached = self._cache.get(name)
         if cached is not None and cached[0] is handler:

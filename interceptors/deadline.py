@@ -70,13 +70,13 @@ class Deadline(ServerLink):
 
             async def unary_response(request: Any, context: aio.ServicerContext) -> Any:
                 seconds = budget(context)
-                deadline = time.monotonic() + seconds
-                _deadline.set(deadline)
-                try:
-                    async with asyncio.timeout_at(asyncio.get_running_loop().time() + seconds):
+                with _Timer(seconds) as timer:
+                    try:
                         return await behavior(request, context)
-                except TimeoutError:
-                    raise exceeded(seconds) from None
+                    except asyncio.CancelledError:
+                        if timer.fired:
+                            raise exceeded(seconds) from None
+                        raise
 
             return unary_response
 
@@ -84,15 +84,43 @@ class Deadline(ServerLink):
             request: Any, context: aio.ServicerContext
         ) -> AsyncIterator[Any]:
             seconds = budget(context)
-            _deadline.set(time.monotonic() + seconds)
-            try:
-                async with asyncio.timeout_at(asyncio.get_running_loop().time() + seconds):
+            with _Timer(seconds) as timer:
+                try:
                     async for message in stream_of(behavior(request, context)):
                         yield message
-            except TimeoutError:
-                raise exceeded(seconds) from None
+                except asyncio.CancelledError:
+                    if timer.fired:
+                        raise exceeded(seconds) from None
+                    raise
 
         return streaming_response
+
+
+class _Timer:
+    """Cancels the current task after ``seconds`` and records the deadline for outbound
+    calls; lighter than asyncio.timeout, which matters on every call."""
+
+    __slots__ = ("fired", "handle", "task")
+
+    def __init__(self, seconds: float) -> None:
+        self.fired = False
+        _deadline.set(time.monotonic() + seconds)
+        self.task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        self.handle = loop.call_at(loop.time() + seconds, self._fire)
+
+    def _fire(self) -> None:
+        self.fired = True
+        if self.task is not None:
+            self.task.cancel()
+
+    def __enter__(self) -> _Timer:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.handle.cancel()
+        if self.fired and self.task is not None:
+            self.task.uncancel()
 
 
 def deadline_exceeded_error(method: str) -> aio.AioRpcError:

@@ -25,7 +25,7 @@ from interceptors.method import MethodInfo
 from interceptors.outcome import observe
 from interceptors.request_id import peer_address
 from learnmesh import principal
-from learnmesh.telemetry import call_ids
+from learnmesh.telemetry import call_ids, direct_writer, json_line
 
 ACCESS_LOGGER = "learnmesh.access"
 DURATION = "learnmesh_rpc_server_duration_seconds"
@@ -156,7 +156,10 @@ def _access_line(
     caller = principal.current_or_none()
     if caller is not None:
         fields["user_id"] = caller.user_id
-    record = log.makeRecord(
-        log.name, _INFO, "", 0, f"{method} {code.name} {duration_ms} ms", (), None, extra=fields
-    )
+    message = f"{method} {code.name} {duration_ms} ms"
+    writer = direct_writer(log)
+    if writer is not None:  # the usual case: skip LogRecord, handler locks, dict filtering
+        writer.put(json_line(time.time(), log.name, message, fields))
+        return
+    record = log.makeRecord(log.name, _INFO, "", 0, message, (), None, extra=fields)
     log.handle(record)

@@ -3,13 +3,13 @@ and recorded with the caller's address for logs and the audit trail."""
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 from typing import Any
 
 from grpc import aio
 
-from interceptors.chain import Behavior, ServerLink, add_trailer, guard
+from interceptors.chain import Behavior, ServerLink, add_trailer, call_metadata, guard
 from interceptors.client import ClientConcern, with_metadata
 from interceptors.method import MethodInfo
 from learnmesh.principal import CallInfo, call_info, set_call_info
@@ -30,7 +30,7 @@ def peer_address(peer: str | None) -> str:
 
 def call_info_of(context: aio.ServicerContext) -> CallInfo:
     request_id = user_agent = ""
-    for key, value in context.invocation_metadata() or ():
+    for key, value in call_metadata(context):
         if key == HEADER and isinstance(value, str) and _ACCEPTABLE.fullmatch(value):
             request_id = value
         elif key == "user-agent":
@@ -38,7 +38,7 @@ def call_info_of(context: aio.ServicerContext) -> CallInfo:
     return CallInfo(
         client_address=peer_address(context.peer()),
         user_agent=user_agent,
-        request_id=request_id or uuid.uuid4().hex,
+        request_id=request_id or os.urandom(16).hex(),
     )
 
 

@@ -48,7 +48,7 @@ from opentelemetry.trace import (
     TraceState,
 )
 
-from interceptors.chain import Behavior, ServerLink, stream_of
+from interceptors.chain import Behavior, ServerLink, call_metadata, stream_of
 from interceptors.client import ClientConcern, method_name, replace_details
 from interceptors.method import MethodInfo, split
 from interceptors.outcome import code_of_error, code_of_success
@@ -390,7 +390,7 @@ class Tracing(ServerLink):
 
         def begin(context: aio.ServicerContext) -> tuple[trace.Span, Token[Context]]:
             traceparent = tracestate = None
-            for key, value in context.invocation_metadata() or ():
+            for key, value in call_metadata(context):
                 if key == TRACEPARENT:
                     traceparent = value
                 elif key == TRACESTATE:

@@ -6,7 +6,7 @@ Handlers read ``current()``; they never parse tokens or metadata themselves.
 from __future__ import annotations
 
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from learnmesh.errors import Unauthenticated
 
@@ -27,7 +27,7 @@ class Principal:
         return "admin" in self.roles
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CallInfo:
     """Facts about the current call that rules and the audit log need."""
 
@@ -36,7 +36,6 @@ class CallInfo:
     request_id: str = ""
     # The calling mesh service's SPIFFE ID, when the call came over mTLS.
     peer_identity: str = ""
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 _principal: ContextVar[Principal | None] = ContextVar("learnmesh_principal", default=None)

@@ -16,11 +16,13 @@ from __future__ import annotations
 import atexit
 import json as jsonlib
 import logging
+import math
 import os
 import sys
 import threading
 import time
 from collections.abc import Mapping
+from json.encoder import encode_basestring_ascii as _text
 from queue import SimpleQueue
 from typing import IO, Any
 
@@ -131,6 +133,10 @@ class _Clock:
             prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._cached = (second, prefix)
         return f"{prefix}.{int((created - second) * 1000):03d}Z"
+
+
+_CLOCK = _Clock()
+_IDS = frozenset({"request_id", "trace_id", "span_id"})
 
 
 def call_ids() -> tuple[str, str, str]:
@@ -279,6 +285,46 @@ class QueuedLineHandler(logging.Handler):
 
 
 _installed: QueuedLineHandler | None = None
+
+
+def direct_writer(logger: logging.Logger) -> LineWriter | None:
+    """The writer of setup_logging's JSON handler when it alone would get ``logger``'s
+    records, so a hot path may hand it a line it formatted itself (same JSON) instead of
+    going through the logging machinery; None otherwise (another handler is listening)."""
+    installed = _installed
+    if installed is None or logger.handlers or not logger.propagate:
+        return None
+    if not isinstance(installed.formatter, JsonFormatter):
+        return None
+    handlers = logging.getLogger().handlers
+    if len(handlers) != 1 or handlers[0] is not installed:
+        return None
+    return installed.writer
+
+
+def json_line(created: float, logger: str, message: str, fields: Mapping[str, Any]) -> str:
+    """The line JsonFormatter writes for an INFO record with ``fields`` (ids included).
+
+    Strings, whole numbers and finite floats are written directly (what json would write
+    for them); anything else goes through the JSON encoder.
+    """
+    parts = [
+        f'{{"time": "{_CLOCK.iso(created)}", "level": "INFO", "logger": {_text(logger)}, '
+        f'"message": {_text(message)}'
+    ]
+    for key, value in fields.items():
+        if value == "" and key in _IDS:
+            continue
+        kind = type(value)
+        if kind is str:
+            encoded = _text(value)
+        elif kind is int or (kind is float and math.isfinite(value)):
+            encoded = repr(value)
+        else:
+            encoded = _ENCODER.encode(value)
+        parts.append(f", {_text(key)}: {encoded}")
+    parts.append("}\n")
+    return "".join(parts)
 
 
 def setup_logging(

@@ -900,3 +900,25 @@ async def test_a_and_b_in_separate_processes_share_one_trace_on_the_console(
     assert len(access) == 1
     assert access[0]["request_id"] == "req-two-processes"
     assert access[0]["trace_id"] == f"{a_client.context.trace_id:032x}"
+
+
+def test_access_lines_written_directly_match_the_json_formatter() -> None:
+    """The access log's fast path (no LogRecord) writes exactly what JsonFormatter would."""
+    from learnmesh.telemetry import JsonFormatter, json_line
+
+    fields = {
+        "request_id": "req-1",
+        "trace_id": "",
+        "span_id": "",
+        "peer": "127.0.0.1",
+        "method": "/learnmesh.user.v1.UserService/GetMe",
+        "status": "OK",
+        "duration_ms": 1.25,
+        "peer_identity": 'spiffe://learnmesh.local/client/"odd"',
+    }
+    logger = logging.getLogger("learnmesh.access")
+    record = logger.makeRecord(
+        logger.name, logging.INFO, "", 0, "GetMe OK é", (), None, extra=fields
+    )
+    expected = JsonFormatter().format(record) + "\n"
+    assert json_line(record.created, logger.name, "GetMe OK é", fields) == expected
