@@ -84,6 +84,51 @@ class JwksCache:
             self._fetched_at = time.monotonic()
 
 
+async def verified_claims(
+    token: str,
+    key_for: Callable[[str], Awaitable[Any | None]],
+    *,
+    issuer: str,
+    audience: str,
+) -> dict[str, Any]:
+    """The claims of an access token whose signature (ES256 only, a known ``kid``),
+    issuer, audience, expiry and required claims are good; Unauthenticated otherwise.
+
+    The one place access tokens are checked: the server's auth link and the auth service's
+    IntrospectToken both call it. ``roles`` is always a list of strings in the result.
+    """
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError:
+        raise Unauthenticated("the access token is malformed") from None
+    if header.get("alg") != ALGORITHM:
+        raise Unauthenticated(f"the access token must be signed with {ALGORITHM}")
+    kid = header.get("kid")
+    if not isinstance(kid, str) or not kid:
+        raise Unauthenticated("the access token has no key id (kid)")
+    key = await key_for(kid)
+    if key is None:
+        raise Unauthenticated("the access token was signed with an unknown key")
+    try:
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            key,
+            algorithms=[ALGORITHM],
+            audience=audience,
+            issuer=issuer,
+            leeway=LEEWAY,
+            options={"require": list(REQUIRED_CLAIMS)},
+        )
+    except jwt.ExpiredSignatureError:
+        raise Unauthenticated("the access token has expired", reason="TOKEN_EXPIRED") from None
+    except jwt.PyJWTError as exc:
+        raise Unauthenticated(f"the access token is not valid: {exc}") from None
+    roles = claims.setdefault("roles", [])
+    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+        raise Unauthenticated("the access token's roles claim is malformed")
+    return claims
+
+
 class TokenVerifier:
     """Verifies access tokens; remembers recent good ones until they expire.
 
@@ -106,35 +151,10 @@ class TokenVerifier:
                 self._cache.move_to_end(token)
                 return cached
             del self._cache[token]
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
-            raise Unauthenticated("the access token is malformed") from None
-        if header.get("alg") != ALGORITHM:
-            raise Unauthenticated(f"the access token must be signed with {ALGORITHM}")
-        kid = header.get("kid")
-        if not isinstance(kid, str) or not kid:
-            raise Unauthenticated("the access token has no key id (kid)")
-        key = await self.keys.key(kid)
-        if key is None:
-            raise Unauthenticated("the access token was signed with an unknown key")
-        try:
-            claims = jwt.decode(
-                token,
-                key,
-                algorithms=[ALGORITHM],
-                audience=self.audience,
-                issuer=self.issuer,
-                leeway=LEEWAY,
-                options={"require": list(REQUIRED_CLAIMS)},
-            )
-        except jwt.ExpiredSignatureError:
-            raise Unauthenticated("the access token has expired", reason="TOKEN_EXPIRED") from None
-        except jwt.PyJWTError as exc:
-            raise Unauthenticated(f"the access token is not valid: {exc}") from None
-        roles = claims.get("roles", [])
-        if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
-            raise Unauthenticated("the access token's roles claim is malformed")
+        claims = await verified_claims(
+            token, self.keys.key, issuer=self.issuer, audience=self.audience
+        )
+        roles = claims["roles"]
         found = Principal(
             user_id=str(claims["sub"]),
             roles=frozenset(roles),

@@ -17,12 +17,10 @@ from dataclasses import dataclass
 
 import jwt
 
+from interceptors.auth import verified_claims
 from learnmesh.config import AuthSettings
+from learnmesh.errors import Unauthenticated
 from services.auth.keys import ALGORITHM, KeyRing
-
-REQUIRED_CLAIMS = ("iss", "aud", "sub", "exp", "iat", "jti")
-# Seconds of clock skew tolerated on exp/iat (the same as the server's interceptor).
-LEEWAY = 5
 
 
 @dataclass(frozen=True)
@@ -86,31 +84,13 @@ class Tokens:
         """The token's facts when its signature (known kid, ES256 only), issuer, audience
         and expiry are good; None otherwise (never an exception for a bad token)."""
         try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
-            return None
-        kid = header.get("kid")
-        if header.get("alg") != ALGORITHM or not isinstance(kid, str):
-            return None
-        key = await self.keys.public_key(kid)
-        if key is None:
-            return None
-        try:
-            claims = jwt.decode(
-                token,
-                key,
-                algorithms=[ALGORITHM],
-                audience=self.audience,
-                issuer=self.issuer,
-                leeway=LEEWAY,
-                options={"require": list(REQUIRED_CLAIMS)},
+            claims = await verified_claims(
+                token, self.keys.public_key, issuer=self.issuer, audience=self.audience
             )
-        except jwt.PyJWTError:
+        except Unauthenticated:
             return None
-        roles = claims.get("roles", [])
+        roles = claims["roles"]
         session_id = claims.get("sid")
-        if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
-            return None
         if not isinstance(session_id, str) or not session_id:
             return None
         return VerifiedToken(
