@@ -129,31 +129,28 @@ def guard(method: MethodInfo, behavior: Behavior, check: Check) -> Behavior:
 def around(
     method: MethodInfo,
     behavior: Behavior,
-    enter: Callable[[aio.ServicerContext], Any],
     on_error: Callable[[BaseException, aio.ServicerContext], Awaitable[None]],
 ) -> Behavior:
-    """Runs the behaviour of any kind inside ``enter`` (a sync context-manager factory),
-    handing exceptions to ``on_error`` (which re-raises or aborts)."""
+    """Runs the behaviour of any kind, handing exceptions to ``on_error`` (which re-raises
+    or aborts)."""
     if method.kind in ("unary_unary", "stream_unary"):
 
         async def unary_response(request: Any, context: aio.ServicerContext) -> Any:
-            with enter(context):
-                try:
-                    return await behavior(request, context)
-                except BaseException as exc:
-                    await on_error(exc, context)
-                    raise
+            try:
+                return await behavior(request, context)
+            except BaseException as exc:
+                await on_error(exc, context)
+                raise
 
         return unary_response
 
     async def streaming_response(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
-        with enter(context):
-            try:
-                async for message in stream_of(behavior(request, context)):
-                    yield message
-            except BaseException as exc:
-                await on_error(exc, context)
-                raise
+        try:
+            async for message in stream_of(behavior(request, context)):
+                yield message
+        except BaseException as exc:
+            await on_error(exc, context)
+            raise
 
     return streaming_response
 

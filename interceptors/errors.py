@@ -8,7 +8,6 @@ request id, so no stack trace, SQL or secret leaves the process; the full error 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -111,4 +110,4 @@ class ErrorMapping(ServerLink):
         async def on_error(exc: BaseException, context: aio.ServicerContext) -> None:
             await map_exception(exc, context, method.full_method)
 
-        return around(method, behavior, lambda _ctx: contextlib.nullcontext(), on_error)
+        return around(method, behavior, on_error)
