@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from interceptors.chain import Behavior
+from interceptors.chain import Behavior, stream_of
 from interceptors.method import MethodInfo
 
 OK = grpc.StatusCode.OK
@@ -73,12 +73,8 @@ def observe(method: MethodInfo, behavior: Behavior, begin: Begin, end: End) -> B
     async def streaming_response(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
         state = begin(context)
         try:
-            result = behavior(request, context)
-            if hasattr(result, "__aiter__"):
-                async for message in result:
-                    yield message
-            else:  # a coroutine that writes with context.write()
-                await result
+            async for message in stream_of(behavior(request, context)):
+                yield message
         except BaseException as exc:
             end(state, context, code_of_error(exc, context), exc)
             raise

@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 import re
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextvars import Token
 from dataclasses import dataclass
 from typing import Any
@@ -48,10 +48,10 @@ from opentelemetry.trace import (
     TraceState,
 )
 
-from interceptors.chain import Behavior, ServerLink, call_metadata, stream_of
+from interceptors.chain import Behavior, ServerLink, call_metadata
 from interceptors.client import ClientConcern, method_name, replace_details
 from interceptors.method import MethodInfo, split
-from interceptors.outcome import code_of_error, code_of_success
+from interceptors.outcome import observe
 from learnmesh import principal
 
 TRACER_NAME = "learnmesh.interceptors.tracing"
@@ -417,45 +417,19 @@ class Tracing(ServerLink):
             if code in SERVER_ERRORS:
                 span.set_status(Status(StatusCode.ERROR, _description(code, context, exc)))
 
-        if method.kind in ("unary_unary", "stream_unary"):
-
-            async def unary_response(request: Any, context: aio.ServicerContext) -> Any:
-                span, token = begin(context)
-                try:
-                    response = await behavior(request, context)
-                except BaseException as exc:
-                    if span.is_recording():
-                        finish(span, context, code_of_error(exc, context), exc)
-                    span.end()
-                    detach(token)
-                    raise
-                if span.is_recording():
-                    finish(span, context, code_of_success(context), None)
-                span.end()
-                detach(token)
-                return response
-
-            return unary_response
-
-        async def streaming_response(
-            request: Any, context: aio.ServicerContext
-        ) -> AsyncIterator[Any]:
-            span, token = begin(context)
-            try:
-                async for message in stream_of(behavior(request, context)):
-                    yield message
-            except BaseException as exc:
-                if span.is_recording():
-                    finish(span, context, code_of_error(exc, context), exc)
-                span.end()
-                detach(token)
-                raise
+        def end(
+            state: tuple[trace.Span, Token[Context]],
+            context: aio.ServicerContext,
+            code: grpc.StatusCode,
+            exc: BaseException | None,
+        ) -> None:
+            span, token = state
             if span.is_recording():
-                finish(span, context, code_of_success(context), None)
+                finish(span, context, code, exc)
             span.end()
             detach(token)
 
-        return streaming_response
+        return observe(method, behavior, begin, end)
 
 
 def _description(
