@@ -62,8 +62,10 @@ def _tracing(config: str) -> None:
 async def _bare(port: int, links: list[Any]) -> aio.Server:
     from interceptors.chain import ServerChain
 
-    server = aio.server(interceptors=[ServerChain(links)] if links else None)
-    course_pb2_grpc.add_CourseServiceServicer_to_server(BenchCourses(), server)
+    server = aio.server()
+    # As learnmesh.server registers services: wrapped by the chain at registration.
+    target = ServerChain(links).applied_to(server) if links else server
+    course_pb2_grpc.add_CourseServiceServicer_to_server(BenchCourses(), target)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     return server

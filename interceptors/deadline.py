@@ -14,7 +14,9 @@ and fails at once with DEADLINE_EXCEEDED when nothing is left.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+import weakref
 from collections.abc import AsyncIterator, Mapping
 from contextvars import ContextVar
 from typing import Any
@@ -97,19 +99,28 @@ class Deadline(ServerLink):
 
 
 class _Timer:
-    """Cancels the current task after ``seconds`` and records the deadline for outbound
-    calls; lighter than asyncio.timeout, which matters on every call."""
+    """Cancels the current task when ``seconds`` have passed and records the deadline for
+    outbound calls.
 
-    __slots__ = ("fired", "handle", "task")
+    Lighter than asyncio.timeout, which matters on every call: a loop timer per call would
+    sit, cancelled, in the loop's heap until its time came (a 10 s default at thousands of
+    calls a second keeps tens of thousands there, and every push walks that heap), so calls
+    whose deadlines fall in one slot share a single loop timer (``_Slots``).
+    """
+
+    __slots__ = ("fired", "slot", "task")
 
     def __init__(self, seconds: float) -> None:
         self.fired = False
         _deadline.set(time.monotonic() + seconds)
         self.task = asyncio.current_task()
         loop = asyncio.get_running_loop()
-        self.handle = loop.call_at(loop.time() + seconds, self._fire)
+        slots = _slots.get(loop)
+        if slots is None:
+            slots = _slots[loop] = _Slots(loop)
+        self.slot = slots.join(self, seconds)
 
-    def _fire(self) -> None:
+    def fire(self) -> None:
         self.fired = True
         if self.task is not None:
             self.task.cancel()
@@ -118,9 +129,39 @@ class _Timer:
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        self.handle.cancel()
+        self.slot.discard(self)
         if self.fired and self.task is not None:
             self.task.uncancel()
+
+
+class _Slots:
+    """Deadline slots of one event loop: each slot is a set of timers with one loop timer.
+
+    A slot is as long as a hundredth of the deadline, between 1 ms and 50 ms, and a timer
+    joins the slot that ends at or after its deadline: a call is cancelled at most that
+    late (50 ms on a 10 s default), never early.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.slots: dict[int, set[_Timer]] = {}  # slot end, in whole ms of loop time -> timers
+
+    def join(self, timer: _Timer, seconds: float) -> set[_Timer]:
+        width = min(max(int(seconds * 10), 1), 50)  # ms
+        due = math.ceil((self.loop.time() + seconds) * 1000 / width) * width
+        members = self.slots.get(due)
+        if members is None:
+            members = self.slots[due] = set()
+            self.loop.call_at(due / 1000, self._fire, due)
+        members.add(timer)
+        return members
+
+    def _fire(self, due: int) -> None:
+        for timer in self.slots.pop(due, ()):
+            timer.fire()
+
+
+_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Slots] = weakref.WeakKeyDictionary()
 
 
 def deadline_exceeded_error(method: str) -> aio.AioRpcError:

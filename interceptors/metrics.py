@@ -1,11 +1,13 @@
 """Metrics and the access log: one histogram sample, one counter increment and one JSON line
 per call, each with the call's final status.
 
-Prometheus label children are cached per method and status code, so a call costs one dict
-lookup before ``observe``/``inc``. The access line goes to the ``learnmesh.access`` logger
-(formatted by ``learnmesh.telemetry.JsonFormatter``); when that logger is off for INFO
-nothing of it is built. The link sits inside tracing, so the span is still current when the
-line is written and the line carries its trace id.
+The histogram and counter are kept as plain numbers per (method, status code) by the
+event-loop thread and turned into Prometheus families only when ``/metrics`` is scraped
+(prometheus_client's own instruments take a lock and walk the buckets in Python on every
+update, which on a trivial call costs more than everything else here). The access line goes
+to the ``learnmesh.access`` logger (formatted like ``learnmesh.telemetry.JsonFormatter``);
+when that logger is off for INFO nothing of it is built. The link sits inside tracing, so
+the span is still current when the line is written and the line carries its trace id.
 """
 
 from __future__ import annotations
@@ -13,19 +15,28 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from dataclasses import dataclass
+from bisect import bisect_left
+from collections.abc import Iterator
+from json.encoder import encode_basestring_ascii as _text
 from typing import Any
 
 import grpc
 from grpc import aio
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from interceptors.chain import Behavior, ServerLink
 from interceptors.method import MethodInfo
 from interceptors.outcome import observe
 from interceptors.request_id import peer_address
 from learnmesh import principal
-from learnmesh.telemetry import call_ids, direct_writer, json_line
+from learnmesh.telemetry import call_ids, direct_writer, iso_time
 
 ACCESS_LOGGER = "learnmesh.access"
 DURATION = "learnmesh_rpc_server_duration_seconds"
@@ -49,62 +60,100 @@ BUCKETS = (
     10.0,
     30.0,
 )
+_BUCKET_NAMES = (*(floatToGoString(bound) for bound in BUCKETS), "+Inf")
 
 _INFO = logging.INFO
 
 
-@dataclass(frozen=True)
-class Instruments:
-    duration: Histogram
-    calls: Counter
+class Series:
+    """One method's calls that ended with one code: per-bucket counts and their sum.
+
+    ``counts[i]`` holds calls of at most ``BUCKETS[i]`` seconds that did not fit a smaller
+    bucket (the last slot: longer than every bound); Prometheus wants them cumulative,
+    which ``CallStats.collect`` computes.
+    """
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.total = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.counts[bisect_left(BUCKETS, seconds)] += 1
+        self.total += seconds
 
 
-# One set per registry: a second Metrics link on the same registry (several servers in one
-# process, tests) shares the collectors instead of failing on duplicate names.
-_instruments: weakref.WeakKeyDictionary[CollectorRegistry, Instruments] = (
-    weakref.WeakKeyDictionary()
-)
+class CallStats(Collector):
+    """The latency histogram and call counter, by service, method and final status code.
 
+    Only the event loop's thread adds to a Series; a scrape (another thread) copies each
+    count list in one step, and derives the count from those buckets, so a histogram's
+    ``_count`` always equals its ``+Inf`` bucket and the counter agrees with both.
+    """
 
-def instruments(registry: CollectorRegistry) -> Instruments:
-    """The histogram and counter registered in ``registry``, made on first use."""
-    found = _instruments.get(registry)
-    if found is not None:
+    def __init__(self) -> None:
+        self.series: dict[tuple[str, str, str], Series] = {}
+
+    def get(self, service: str, method: str, code: grpc.StatusCode) -> Series:
+        key = (service, method, code.name)
+        found = self.series.get(key)
+        if found is None:
+            found = self.series[key] = Series()
         return found
-    made = Instruments(
-        duration=Histogram(
-            DURATION,
-            "Time the server spent on gRPC calls, by method and final status code.",
-            LABELS,
-            buckets=BUCKETS,
-            registry=registry,
-        ),
-        calls=Counter(
-            CALLS,
-            "gRPC calls the server finished, by method and final status code.",
-            LABELS,
-            registry=registry,
-        ),
-    )
-    _instruments[registry] = made
-    return made
+
+    def describe(self) -> Iterator[Metric]:
+        yield HistogramMetricFamily(DURATION, _DURATION_HELP, labels=LABELS)
+        yield CounterMetricFamily(CALLS, _CALLS_HELP, labels=LABELS)
+
+    def collect(self) -> Iterator[Metric]:
+        duration = HistogramMetricFamily(DURATION, _DURATION_HELP, labels=LABELS)
+        calls = CounterMetricFamily(CALLS, _CALLS_HELP, labels=LABELS)
+        for labels, series in list(self.series.items()):
+            counts, total = list(series.counts), series.total
+            cumulative, running = [], 0
+            for name, count in zip(_BUCKET_NAMES, counts, strict=True):
+                running += count
+                cumulative.append((name, running))
+            duration.add_metric(labels, cumulative, total)
+            calls.add_metric(labels, running)
+        yield duration
+        yield calls
+
+
+_DURATION_HELP = "Time the server spent on gRPC calls, by method and final status code."
+_CALLS_HELP = "gRPC calls the server finished, by method and final status code."
+
+# One per registry: a second Metrics link on the same registry (several servers in one
+# process, tests) shares the collector instead of failing on duplicate names.
+_stats: weakref.WeakKeyDictionary[CollectorRegistry, CallStats] = weakref.WeakKeyDictionary()
+
+
+def call_stats(registry: CollectorRegistry) -> CallStats:
+    """The collector registered in ``registry``, made on first use."""
+    found = _stats.get(registry)
+    if found is None:
+        found = _stats[registry] = CallStats()
+        registry.register(found)
+    return found
 
 
 class Metrics(ServerLink):
     """Latency histogram, call counter and access log; the default registry unless given."""
 
     def __init__(self, registry: CollectorRegistry | None = None, access_log: bool = True) -> None:
-        self.instruments = instruments(registry if registry is not None else REGISTRY)
+        self.instruments = call_stats(registry if registry is not None else REGISTRY)
         self.access_log = access_log
         self.log = logging.getLogger(ACCESS_LOGGER)
 
     def wrap(self, method: MethodInfo, behavior: Behavior) -> Behavior:
-        duration, calls = self.instruments.duration, self.instruments.calls
-        service, name, full_method = method.service, method.name, method.full_method
-        # code -> (histogram child, counter child), filled on first use of each code
-        children: dict[grpc.StatusCode, tuple[Any, Any]] = {}
+        stats = self.instruments
+        service, name = method.service, method.name
+        # code -> its Series, filled on first use of each code
+        series: dict[grpc.StatusCode, Series] = {}
         log = self.log
         access_log = self.access_log
+        method_text = _text(method.full_method)
         now = time.perf_counter
 
         def begin(_context: aio.ServicerContext) -> float:
@@ -117,14 +166,12 @@ class Metrics(ServerLink):
             _exc: BaseException | None,
         ) -> None:
             elapsed = now() - started
-            pair = children.get(code)
-            if pair is None:
-                labels = (service, name, code.name)
-                pair = children[code] = (duration.labels(*labels), calls.labels(*labels))
-            pair[0].observe(elapsed)
-            pair[1].inc()
+            found = series.get(code)
+            if found is None:
+                found = series[code] = stats.get(service, name, code)
+            found.add(elapsed)
             if access_log and log.isEnabledFor(_INFO):
-                _access_line(log, context, full_method, code, elapsed)
+                _access_line(log, context, method.full_method, method_text, code, elapsed)
 
         return observe(method, behavior, begin, end)
 
@@ -133,33 +180,82 @@ def _access_line(
     log: logging.Logger,
     context: aio.ServicerContext,
     method: str,
+    method_text: str,
     code: grpc.StatusCode,
     elapsed: float,
 ) -> None:
-    """Writes one access line; the record is made directly (no caller lookup, no %-args)."""
+    """Writes one access line: straight to the JSON writer when it alone listens (the usual
+    case: no LogRecord, no handler locks), else as a record the handlers format."""
     info = principal.call_info()
     duration_ms = round(elapsed * 1000, 3)
+    request_id, trace_id, span_id = call_ids()
+    peer = info.client_address or peer_address(context.peer())
+    caller = principal.current_or_none()
+    user_id = caller.user_id if caller is not None else None
+    writer = direct_writer(log)
+    if writer is not None:
+        writer.put(
+            access_line(
+                time.time(),
+                method_text,
+                code.name,
+                duration_ms,
+                request_id,
+                trace_id,
+                span_id,
+                peer,
+                info.peer_identity,
+                user_id,
+            )
+        )
+        return
     # The ids ride on the record itself, so any handler (even one formatting on another
     # thread, away from this call's context) writes them.
-    request_id, trace_id, span_id = call_ids()
     fields: dict[str, Any] = {
         "request_id": request_id,
         "trace_id": trace_id,
         "span_id": span_id,
-        "peer": info.client_address or peer_address(context.peer()),
+        "peer": peer,
         "method": method,
         "status": code.name,
         "duration_ms": duration_ms,
     }
     if info.peer_identity:
         fields["peer_identity"] = info.peer_identity
-    caller = principal.current_or_none()
-    if caller is not None:
-        fields["user_id"] = caller.user_id
+    if user_id is not None:
+        fields["user_id"] = user_id
     message = f"{method} {code.name} {duration_ms} ms"
-    writer = direct_writer(log)
-    if writer is not None:  # the usual case: skip LogRecord, handler locks, dict filtering
-        writer.put(json_line(time.time(), log.name, message, fields))
-        return
-    record = log.makeRecord(log.name, _INFO, "", 0, message, (), None, extra=fields)
-    log.handle(record)
+    log.handle(log.makeRecord(log.name, _INFO, "", 0, message, (), None, extra=fields))
+
+
+def access_line(
+    created: float,
+    method_text: str,
+    status: str,
+    duration_ms: float,
+    request_id: str,
+    trace_id: str,
+    span_id: str,
+    peer: str,
+    peer_identity: str,
+    user_id: str | None,
+) -> str:
+    """The access line ``json_line`` writes for these fields, built in one go (``method_text``
+    is the method already JSON-encoded; trace and span ids are hex, status a code name)."""
+    line = (
+        f'{{"time": "{iso_time(created)}", "level": "INFO", "logger": "{ACCESS_LOGGER}", '
+        f'"message": {method_text[:-1]} {status} {duration_ms} ms"'
+    )
+    if request_id:
+        line += f', "request_id": {_text(request_id)}'
+    if trace_id:
+        line += f', "trace_id": "{trace_id}", "span_id": "{span_id}"'
+    line += (
+        f', "peer": {_text(peer)}, "method": {method_text}, "status": "{status}", '
+        f'"duration_ms": {duration_ms}'
+    )
+    if peer_identity:
+        line += f', "peer_identity": {_text(peer_identity)}'
+    if user_id is not None:
+        line += f', "user_id": {_text(user_id)}'
+    return line + "}\n"

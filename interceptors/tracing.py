@@ -19,7 +19,6 @@ import random
 import re
 import threading
 from collections.abc import Callable
-from contextvars import Token
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,12 +196,14 @@ class _DropRule:
     def root_trace_id(self, sampled: bool) -> int:
         """A random trace id whose low 64 bits fall on the ``sampled`` side of the bound,
         distributed exactly as a random id given that decision."""
+        bound = self.root_bound
+        if not sampled:  # the common case: draws fall on this side most of the time
+            while True:
+                trace_id = _getrandbits(128)
+                if trace_id & _LOW_64 >= bound:
+                    return trace_id
         while True:
-            if sampled:
-                low = _randbelow(self.root_bound)
-            else:
-                low = self.root_bound + _randbelow(_EVERYTHING - self.root_bound)
-            trace_id = _getrandbits(64) << 64 | low
+            trace_id = _getrandbits(64) << 64 | _randbelow(bound)
             if trace_id:
                 return trace_id
 
@@ -379,16 +380,16 @@ class Tracing(ServerLink):
 
     def wrap(self, method: MethodInfo, behavior: Behavior) -> Behavior:
         # Everything a call needs is bound here, once per method: the hot path below is a
-        # metadata scan, one span, a context attach/detach and, for sampled spans only,
+        # metadata scan, one span, a context attach and, for sampled spans only,
         # the attribute work.
         start = self.starter.start
         span_name = method.full_method.lstrip("/")
         attributes = _rpc_attributes(method.service, method.name)
         server = SpanKind.SERVER
-        attach, detach = otel_context.attach, otel_context.detach
+        attach = otel_context.attach
         in_context = trace.set_span_in_context
 
-        def begin(context: aio.ServicerContext) -> tuple[trace.Span, Token[Context]]:
+        def begin(context: aio.ServicerContext) -> trace.Span:
             traceparent = tracestate = None
             for key, value in call_metadata(context):
                 if key == TRACEPARENT:
@@ -400,7 +401,10 @@ class Tracing(ServerLink):
                 _ROOT if parent is None else in_context(NonRecordingSpan(parent), _ROOT)
             )
             span = start(span_name, server, parent_context, parent, attributes, context)
-            return span, attach(in_context(span, parent_context))
+            # Never detached: grpc.aio runs each call in a task of its own, and the task's
+            # context (this span in it) ends with the call.
+            attach(in_context(span, parent_context))
+            return span
 
         def finish(
             span: trace.Span,
@@ -418,16 +422,14 @@ class Tracing(ServerLink):
                 span.set_status(Status(StatusCode.ERROR, _description(code, context, exc)))
 
         def end(
-            state: tuple[trace.Span, Token[Context]],
+            span: trace.Span,
             context: aio.ServicerContext,
             code: grpc.StatusCode,
             exc: BaseException | None,
         ) -> None:
-            span, token = state
             if span.is_recording():
                 finish(span, context, code, exc)
-            span.end()
-            detach(token)
+                span.end()
 
         return observe(method, behavior, begin, end)
 

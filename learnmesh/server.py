@@ -127,10 +127,9 @@ async def start_server(
     # Filled below, once the servicers exist; the access link reads it at call time.
     resolvers: dict[str, Any] = {}
     links = server_links(runtime, resolvers, tls=credentials is not None)
-    server = aio.server(
-        interceptors=[ServerChain(links)],
-        options=[("grpc.so_reuseport", 1 if reuse_port else 0)],
-    )
+    server = aio.server(options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
+    # Every service registers through the chain, health and reflection included.
+    chained = ServerChain(links).applied_to(server)
     try:
         if credentials is None:
             bound = server.add_insecure_port(f"{host}:{port}")
@@ -148,9 +147,9 @@ async def start_server(
         servicer = await definition.create(runtime.for_service(definition.name))
         servicers[definition.name] = servicer
         resolvers.update(definition.owner_resolvers(servicer))
-        definition.add_to_server(servicer, server)
+        definition.add_to_server(servicer, chained)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, chained)
     names = [d.full_name for d in definitions]
     reflection.enable_server_reflection(
         [
@@ -158,7 +157,7 @@ async def start_server(
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ],
-        server,
+        chained,
     )
     await server.start()
     for name in ["", *names]:

@@ -21,9 +21,9 @@ import os
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping
 from json.encoder import encode_basestring_ascii as _text
-from queue import SimpleQueue
 from typing import IO, Any
 
 from opentelemetry import trace
@@ -136,6 +136,7 @@ class _Clock:
 
 
 _CLOCK = _Clock()
+iso_time = _CLOCK.iso
 _IDS = frozenset({"request_id", "trace_id", "span_id"})
 
 
@@ -210,58 +211,67 @@ class TextFormatter(logging.Formatter):
 class LineWriter:
     """Writes finished lines to a stream from a thread of its own, in batches.
 
-    After each write the thread rests for ``interval`` seconds and then takes everything
-    that queued up meanwhile: under load it wakes a few times a second instead of once per
-    line (each wake-up is a thread switch and a GIL hand-over that the event loop pays
-    for); a lone line after a quiet spell is still written at once.
+    ``put`` only appends to a deque (thread-safe, no lock, no wake-up while the thread is
+    busy or resting). After each write the thread rests for ``interval`` seconds and then
+    takes everything that queued up meanwhile: under load it wakes a few times a second
+    instead of once per line (each wake-up is a thread switch and a GIL hand-over that the
+    event loop pays for); a lone line after a quiet spell is still written at once.
 
     When the stream cannot keep up (a stalled pipe) lines beyond ``max_queued`` are dropped
     and counted rather than piling up in memory or blocking the event loop; the count is
     written once the stream moves again.
     """
 
-    def __init__(self, stream: IO[str], max_queued: int = 100_000, interval: float = 0.05) -> None:
+    def __init__(self, stream: IO[str], max_queued: int = 100_000, interval: float = 0.1) -> None:
         self.stream = stream
-        self.queue: SimpleQueue[str | None] = SimpleQueue()
+        self.pending: deque[str] = deque()
         self.max_queued = max_queued
         self.interval = interval
         self.dropped = 0
-        self._stopping = threading.Event()
+        self._idle = False  # the thread waits for a line: put() must wake it
+        self._wake = threading.Event()
+        self._stopping = False
+        self._rest = threading.Event()  # set to cut a rest short when stopping
         self._thread = threading.Thread(target=self._run, name="learnmesh-log-writer", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        queue = self.queue
-        running = True
-        while running:
-            lines = [queue.get()]
-            while not queue.empty():
-                lines.append(queue.get_nowait())
-            if None in lines:
-                running = False
-                lines = [line for line in lines if line is not None]
+        pending = self.pending
+        while True:
+            self._idle = True
+            if not pending and not self._stopping:
+                self._wake.wait()
+            self._wake.clear()
+            self._idle = False
+            lines = [pending.popleft() for _ in range(len(pending))]
             dropped, self.dropped = self.dropped, 0
             if dropped:
                 lines.append(f'{{"level": "WARNING", "message": "{dropped} log lines dropped"}}\n')
-            try:
-                self.stream.write("".join(lines))  # type: ignore[arg-type]
-                self.stream.flush()
-            except (OSError, ValueError):  # the stream was closed under us; nothing to do
-                pass
-            if running:
-                self._stopping.wait(self.interval)
+            if lines:
+                try:
+                    self.stream.write("".join(lines))
+                    self.stream.flush()
+                except (OSError, ValueError):  # the stream was closed under us; nothing to do
+                    pass
+            if self._stopping and not pending:
+                return
+            self._rest.wait(self.interval)
 
     def put(self, line: str) -> None:
-        if self.queue.qsize() >= self.max_queued:
+        if len(self.pending) >= self.max_queued:
             self.dropped += 1
             return
-        self.queue.put(line)
+        self.pending.append(line)
+        if self._idle:
+            self._idle = False
+            self._wake.set()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Writes what is queued and ends the thread."""
         if self._thread.is_alive():
-            self._stopping.set()
-            self.queue.put(None)
+            self._stopping = True
+            self._rest.set()
+            self._wake.set()
             self._thread.join(timeout)
 
 

@@ -922,3 +922,49 @@ def test_access_lines_written_directly_match_the_json_formatter() -> None:
     )
     expected = JsonFormatter().format(record) + "\n"
     assert json_line(record.created, logger.name, "GetMe OK é", fields) == expected
+
+
+@pytest.mark.parametrize(
+    ("request_id", "trace_id", "span_id", "peer_identity", "user_id"),
+    [
+        ("req-1", "", "", "", None),
+        ("", "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331", "", "u-1"),
+        ("r", "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331", 'spiffe://x/"odd"', "ü"),
+    ],
+)
+def test_the_access_line_builder_writes_what_json_line_writes(
+    request_id: str, trace_id: str, span_id: str, peer_identity: str, user_id: str | None
+) -> None:
+    """The metrics link builds its line in one go; it must be the generic line, byte for byte."""
+    from interceptors.metrics import access_line
+    from learnmesh.telemetry import json_line
+
+    method = "/learnmesh.user.v1.UserService/GetMe"
+    fields: dict[str, Any] = {
+        "request_id": request_id,
+        "trace_id": trace_id,
+        "span_id": span_id,
+        "peer": "::1",
+        "method": method,
+        "status": "NOT_FOUND",
+        "duration_ms": 0.125,
+    }
+    if peer_identity:
+        fields["peer_identity"] = peer_identity
+    if user_id is not None:
+        fields["user_id"] = user_id
+    created = time.time()
+    expected = json_line(created, "learnmesh.access", f"{method} NOT_FOUND 0.125 ms", fields)
+    built = access_line(
+        created,
+        json.dumps(method),
+        "NOT_FOUND",
+        0.125,
+        request_id,
+        trace_id,
+        span_id,
+        "::1",
+        peer_identity,
+        user_id,
+    )
+    assert built == expected
