@@ -1,11 +1,14 @@
 """Measures the server chain against a bare grpc.aio server in the same run.
 
-    python -m benchmarks.run [--rounds 3] [--seconds 5]
+    python -m benchmarks.run [--rounds 10] [--seconds 3]
 
-Each configuration of benchmarks/servers.py runs in its own process; h2load (Debian
-package nghttp2-client) drives it from outside with unary calls. Rounds alternate the
-configurations so drift on a shared machine hits all of them alike; each figure is the
-median over rounds of (configuration calls/s) / (bare calls/s of the same round). The
+Each configuration of benchmarks/servers.py runs in its own process, all started at once
+(a server nobody calls is idle); h2load (Debian package nghttp2-client) drives one at a
+time from outside with unary calls. A round measures every configuration and the bare
+server back to back, in an order that reverses every round, so the drift of a shared
+machine (easily ±15 % over a minute here) hits a configuration and the bare server it is
+compared with alike. Each figure is the median over rounds of (configuration calls/s) /
+(bare calls/s of the same round); the quartiles of those ratios show the spread. The
 results go to benchmarks/RESULTS.md and into README.md between the benchmark markers.
 """
 
@@ -23,7 +26,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -51,31 +53,38 @@ def free_port() -> int:
 
 
 @contextmanager
-def server(config: str) -> Iterator[str]:
-    """Runs one configuration in its own process; yields its address once it answers."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.servers", config, "--port", str(port)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "GRPC_VERBOSITY": "ERROR"},
-    )
-    address = f"127.0.0.1:{port}"
+def servers(configs: tuple[str, ...]) -> Iterator[dict[str, str]]:
+    """Runs each configuration in its own process; yields their addresses once all answer."""
+    procs: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}
     try:
+        for config in configs:
+            port = free_port()
+            procs[config] = (
+                f"127.0.0.1:{port}",
+                subprocess.Popen(
+                    [sys.executable, "-m", "benchmarks.servers", config, "--port", str(port)],
+                    cwd=ROOT,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    env={**os.environ, "GRPC_VERBOSITY": "ERROR"},
+                ),
+            )
         deadline = time.monotonic() + 60
-        while True:
-            try:
-                asyncio.run(_call(address, PUBLIC, ()))
-                break
-            except grpc.RpcError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"{config} did not start") from None
-                time.sleep(0.2)
-        yield address
+        for config, (address, proc) in procs.items():
+            while True:
+                try:
+                    asyncio.run(_call(address, PUBLIC, ()))
+                    break
+                except grpc.RpcError:
+                    if time.monotonic() > deadline or proc.poll() is not None:
+                        raise RuntimeError(f"{config} did not start") from None
+                    time.sleep(0.2)
+        yield {config: address for config, (address, _) in procs.items()}
     finally:
-        proc.terminate()
-        proc.wait(30)
+        for _, proc in procs.values():
+            proc.terminate()
+        for _, proc in procs.values():
+            proc.wait(30)
 
 
 async def _call(
@@ -113,80 +122,80 @@ def measure(
     return h2load.run(f"http://{address}{path}", message, load, headers)  # type: ignore[arg-type]
 
 
-@dataclass
-class Round:
-    bare_public: float
-    bare_signed_in: float
-    full_public: float
-    full_signed_in: float
-    full_console: float
-    tracing100: float
-    tracing10: float
+# (name, server configuration, call, signed in?, the bare run it is compared with)
+RUNS = (
+    ("full_public", "full", PUBLIC, False, "bare_public"),
+    ("full_signed_in", "full", SIGNED_IN, True, "bare_signed_in"),
+    ("full_console", "full-console", PUBLIC, False, "bare_public"),
+    ("tracing100", "tracing100", PUBLIC, False, "bare_public"),
+    ("tracing10", "tracing10", PUBLIC, False, "bare_public"),
+)
+BARE_CALLS = {"bare_public": PUBLIC, "bare_signed_in": SIGNED_IN}
+CONFIGS = ("bare", *dict.fromkeys(config for _, config, _, _, _ in RUNS))
+
+# A round: run name -> (calls/s, calls/s of the bare server measured right next to it)
+Round = dict[str, tuple[float, float]]
 
 
-def one_round(load: h2load.Load) -> Round:
-    with server("bare") as address:
-        bare_public = measure(address, PUBLIC, load)
-        bare_signed_in = measure(address, SIGNED_IN, load)
-    with server("full") as address:
-        bearer = (("authorization", f"Bearer {asyncio.run(_token(address))}"),)
-        full_public = measure(address, PUBLIC, load)
-        full_signed_in = measure(address, SIGNED_IN, load, bearer)
-    with server("full-console") as address:
-        full_console = measure(address, PUBLIC, load)
-    with server("tracing100") as address:
-        tracing100 = measure(address, PUBLIC, load)
-    with server("tracing10") as address:
-        tracing10 = measure(address, PUBLIC, load)
-    return Round(
-        bare_public,
-        bare_signed_in,
-        full_public,
-        full_signed_in,
-        full_console,
-        tracing100,
-        tracing10,
-    )
+def rounds_of(load: h2load.Load, count: int) -> Iterator[Round]:
+    """``count`` rounds; in each, every run is measured right after (or, every other round,
+    right before) the bare server making the same call."""
+    with servers(CONFIGS) as addresses:
+        bearer = (("authorization", f"Bearer {asyncio.run(_token(addresses['full']))}"),)
+        for number in range(count):
+            found: Round = {}
+            for name, config, target, signed_in, bare in RUNS:
+                pair = [
+                    (config, target, bearer if signed_in else ()),
+                    ("bare", BARE_CALLS[bare], ()),
+                ]
+                if number % 2:
+                    pair.reverse()
+                rates = {c: measure(addresses[c], call, load, h) for c, call, h in pair}
+                found[name] = (rates[config], rates["bare"])
+            yield found
 
 
 def report(rounds: list[Round], load: h2load.Load) -> str:
-    def median_ratio(num: str, den: str) -> float:
-        return statistics.median(getattr(r, num) / getattr(r, den) for r in rounds)
+    def ratios(name: str) -> list[float]:
+        return [r[name][0] / r[name][1] for r in rounds]
+
+    def median_ratio(name: str) -> float:
+        return statistics.median(ratios(name))
+
+    def spread(name: str) -> str:
+        found = ratios(name)
+        if len(found) < 2:
+            return "-"
+        low, _, high = statistics.quantiles(found, n=4)
+        return f"{low:.2f}-{high:.2f}"
 
     rows = [
-        ("full chain, public read (GetCourse)", "full_public", "bare_public", ">= 0.60"),
-        (
-            "full chain, authenticated read (GetProgress, ES256 token)",
-            "full_signed_in",
-            "bare_signed_in",
-            ">= 0.50",
-        ),
-        (
-            "full chain, public read, spans exported to the console",
-            "full_console",
-            "bare_public",
-            "-",
-        ),
-        ("tracing link alone, 100 % sampling", "tracing100", "bare_public", ">= 0.75"),
-        ("tracing link alone, 10 % sampling", "tracing10", "bare_public", ">= 0.95"),
+        ("full chain, public read (GetCourse)", "full_public", ">= 0.60"),
+        ("full chain, authenticated read (GetProgress, ES256 token)", "full_signed_in", ">= 0.50"),
+        ("full chain, public read, spans exported to the console", "full_console", "-"),
+        ("tracing link alone, 100 % sampling", "tracing100", ">= 0.75"),
+        ("tracing link alone, 10 % sampling", "tracing10", ">= 0.95"),
     ]
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}, grpcio {grpc.__version__}; h2load -c {load.clients} "
-        f"-m {load.streams}, {load.seconds} s per run, {len(rounds)} rounds; "
-        "median of per-round ratios.",
+        f"-m {load.streams}, {load.seconds} s per run, {len(rounds)} rounds; each run is "
+        "paired with a run of the bare server right next to it; median of the pairs' ratios "
+        "(and their quartiles).",
         "",
-        "| configuration | calls/s (median) | bare calls/s (median) | ratio to bare | target |",
-        "|---|---:|---:|---:|---|",
+        "| configuration | calls/s (median) | bare calls/s (median) | ratio to bare "
+        "| quartiles | target |",
+        "|---|---:|---:|---:|---:|---|",
     ]
-    for label, num, den, target in rows:
+    for label, name, target in rows:
         lines.append(
-            f"| {label} | {statistics.median(getattr(r, num) for r in rounds):,.0f} "
-            f"| {statistics.median(getattr(r, den) for r in rounds):,.0f} "
-            f"| {median_ratio(num, den):.2f} | {target} |"
+            f"| {label} | {statistics.median(r[name][0] for r in rounds):,.0f} "
+            f"| {statistics.median(r[name][1] for r in rounds):,.0f} "
+            f"| {median_ratio(name):.2f} | {spread(name)} | {target} |"
         )
-    cost100 = 1 - median_ratio("tracing100", "bare_public")
-    cost10 = 1 - median_ratio("tracing10", "bare_public")
+    cost100 = 1 - median_ratio("tracing100")
+    cost10 = 1 - median_ratio("tracing10")
     lines += [
         "",
         f"Tracing link's own cost: {cost100:.0%} of a trivial call at 100 % sampling "
@@ -211,14 +220,15 @@ def write(text: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--seconds", type=int, default=3)
     args = parser.parse_args()
     load = h2load.Load(seconds=args.seconds)
     rounds = []
-    for number in range(args.rounds):
-        rounds.append(one_round(load))
-        print(f"round {number + 1}: {rounds[-1]}", flush=True)
+    for number, found in enumerate(rounds_of(load, args.rounds), start=1):
+        rounds.append(found)
+        figures = ", ".join(f"{name} {a:,.0f}/{b:,.0f}" for name, (a, b) in found.items())
+        print(f"round {number}: {figures}", flush=True)
     text = report(rounds, load)
     print(text)
     write(text)
