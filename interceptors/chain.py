@@ -11,6 +11,7 @@ and costs a few percent of a trivial call more.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from typing import Any
@@ -23,6 +24,7 @@ from interceptors.method import MethodInfo, RpcKind, method_info
 Behavior = Callable[..., Any]
 # (request or None for client-streaming calls, context) -> None, raising to refuse the call
 Check = Callable[[Any, aio.ServicerContext], Awaitable[None]]
+SyncCheck = Callable[[Any, aio.ServicerContext], None]
 
 
 _trailers: ContextVar[list[tuple[str, str | bytes]] | None] = ContextVar(
@@ -102,8 +104,14 @@ async def stream_of(result: Any) -> AsyncIterator[Any]:
         await result
 
 
-def guard(method: MethodInfo, behavior: Behavior, check: Check) -> Behavior:
-    """Runs ``check`` before the behaviour; it sees the request for unary-request methods."""
+def guard(method: MethodInfo, behavior: Behavior, check: Check | SyncCheck) -> Behavior:
+    """Runs ``check`` before the behaviour; it sees the request for unary-request methods.
+
+    ``check`` may be a coroutine function or a plain one; a plain one costs the call no
+    coroutine of its own.
+    """
+    if not inspect.iscoroutinefunction(check):
+        return _guard_sync(method, behavior, check)  # type: ignore[arg-type]
     if method.kind == "unary_unary":
 
         async def unary_unary(request: Any, context: aio.ServicerContext) -> Any:
@@ -129,6 +137,38 @@ def guard(method: MethodInfo, behavior: Behavior, check: Check) -> Behavior:
 
     async def stream_stream(requests: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
         await check(None, context)
+        async for message in stream_of(behavior(requests, context)):
+            yield message
+
+    return stream_stream
+
+
+def _guard_sync(method: MethodInfo, behavior: Behavior, check: SyncCheck) -> Behavior:
+    if method.kind == "unary_unary":
+
+        async def unary_unary(request: Any, context: aio.ServicerContext) -> Any:
+            check(request, context)
+            return await behavior(request, context)
+
+        return unary_unary
+    if method.kind == "unary_stream":
+
+        async def unary_stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+            check(request, context)
+            async for message in stream_of(behavior(request, context)):
+                yield message
+
+        return unary_stream
+    if method.kind == "stream_unary":
+
+        async def stream_unary(requests: Any, context: aio.ServicerContext) -> Any:
+            check(None, context)
+            return await behavior(requests, context)
+
+        return stream_unary
+
+    async def stream_stream(requests: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+        check(None, context)
         async for message in stream_of(behavior(requests, context)):
             yield message
 

@@ -115,10 +115,7 @@ class _Timer:
         _deadline.set(time.monotonic() + seconds)
         self.task = asyncio.current_task()
         loop = asyncio.get_running_loop()
-        slots = _slots.get(loop)
-        if slots is None:
-            slots = _slots[loop] = _Slots(loop)
-        self.slot = slots.join(self, seconds)
+        self.slot = _slots_of(loop).join(self, seconds, loop)
 
     def fire(self) -> None:
         self.fired = True
@@ -142,17 +139,16 @@ class _Slots:
     late (50 ms on a 10 s default), never early.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+    def __init__(self) -> None:
         self.slots: dict[int, set[_Timer]] = {}  # slot end, in whole ms of loop time -> timers
 
-    def join(self, timer: _Timer, seconds: float) -> set[_Timer]:
+    def join(self, timer: _Timer, seconds: float, loop: asyncio.AbstractEventLoop) -> set[_Timer]:
         width = min(max(int(seconds * 10), 1), 50)  # ms
-        due = math.ceil((self.loop.time() + seconds) * 1000 / width) * width
+        due = math.ceil((loop.time() + seconds) * 1000 / width) * width
         members = self.slots.get(due)
         if members is None:
             members = self.slots[due] = set()
-            self.loop.call_at(due / 1000, self._fire, due)
+            loop.call_at(due / 1000, self._fire, due)
         members.add(timer)
         return members
 
@@ -161,7 +157,22 @@ class _Slots:
             timer.fire()
 
 
+# Per loop, held weakly so a closed loop goes away with its slots.
 _slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Slots] = weakref.WeakKeyDictionary()
+_last: tuple[weakref.ref[asyncio.AbstractEventLoop], _Slots] | None = None
+
+
+def _slots_of(loop: asyncio.AbstractEventLoop) -> _Slots:
+    """The loop's slots; the last loop's are found without the weak-dictionary lookup."""
+    global _last
+    last = _last
+    if last is not None and last[0]() is loop:
+        return last[1]
+    found = _slots.get(loop)
+    if found is None:
+        found = _slots[loop] = _Slots()
+    _last = (weakref.ref(loop), found)
+    return found
 
 
 def deadline_exceeded_error(method: str) -> aio.AioRpcError:

@@ -49,7 +49,7 @@ class PeerIdentity(ServerLink):
         prefix = self.prefix
         name = method.name
 
-        async def check(_request: Any, context: aio.ServicerContext) -> None:
+        def check(_request: Any, context: aio.ServicerContext) -> None:
             identity = spiffe_of(context)
             if identity:
                 info = principal.call_info()

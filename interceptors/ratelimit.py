@@ -210,39 +210,45 @@ class RateLimit(ServerLink):
         if not self.limits.enabled or not is_limited(method):
             return behavior
         rate_class = method.rate_class
-        backend = self.backend
-        # An in-memory backend answers at once: no coroutine to make and await per call.
-        hit_now: Callable[[Rule, str], Decision] | None = getattr(backend, "hit_now", None)
         decide = self._decide
         if rate_class in self._address_rules:
             rule = self._address_rules[rate_class]
 
-            async def by_address(_request: Any, context: aio.ServicerContext) -> None:
-                who = "addr:" + principal.call_info().client_address
-                decision = hit_now(rule, who) if hit_now else await backend.hit(rule, who)
-                decide(context, rule, decision, "")
+            def by_address(_context: aio.ServicerContext) -> tuple[Rule, str, str]:
+                return rule, "addr:" + principal.call_info().client_address, ""
 
-            return guard(method, behavior, by_address)
+            counted = by_address
+        else:
+            rules: Mapping[str, Rule] = self._tier_rules.get(
+                rate_class, self._tier_rules[access_pb2.RATE_CLASS_WRITE]
+            )
+            anonymous = rules[DEFAULT_TIER]
 
-        rules: Mapping[str, Rule] = self._tier_rules.get(
-            rate_class, self._tier_rules[access_pb2.RATE_CLASS_WRITE]
-        )
-        anonymous = rules[DEFAULT_TIER]
+            def by_caller(_context: aio.ServicerContext) -> tuple[Rule, str, str]:
+                caller = principal.current_or_none()
+                if caller is None:
+                    who = "addr:" + principal.call_info().client_address
+                    return anonymous, who, " (not signed in: counted by address)"
+                return rules.get(caller.tier, anonymous), "user:" + caller.user_id, ""
 
-        async def by_caller(_request: Any, context: aio.ServicerContext) -> None:
-            caller = principal.current_or_none()
-            if caller is None:
-                who = "addr:" + principal.call_info().client_address
-                rule = anonymous
-                whose = " (not signed in: counted by address)"
-            else:
-                who = "user:" + caller.user_id
-                rule = rules.get(caller.tier, anonymous)
-                whose = ""
-            decision = hit_now(rule, who) if hit_now else await backend.hit(rule, who)
-            decide(context, rule, decision, whose)
+            counted = by_caller
 
-        return guard(method, behavior, by_caller)
+        # An in-memory backend answers at once: no coroutine to make and await per call.
+        hit_now: Callable[[Rule, str], Decision] | None = getattr(self.backend, "hit_now", None)
+        if hit_now is not None:
+
+            def check_now(_request: Any, context: aio.ServicerContext) -> None:
+                rule, who, whose = counted(context)
+                decide(context, rule, hit_now(rule, who), whose)
+
+            return guard(method, behavior, check_now)
+        hit = self.backend.hit
+
+        async def check(_request: Any, context: aio.ServicerContext) -> None:
+            rule, who, whose = counted(context)
+            decide(context, rule, await hit(rule, who), whose)
+
+        return guard(method, behavior, check)
 
     def _decide(
         self, context: aio.ServicerContext, rule: Rule, decision: Decision | None, whose: str

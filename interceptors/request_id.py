@@ -47,7 +47,7 @@ def call_info_of(context: aio.ServicerContext) -> CallInfo:
 
 class RequestId(ServerLink):
     def wrap(self, method: MethodInfo, behavior: Behavior) -> Behavior:
-        async def check(_request: Any, context: aio.ServicerContext) -> None:
+        def check(_request: Any, context: aio.ServicerContext) -> None:
             info = call_info_of(context)
             set_call_info(info)
             add_trailer(context, HEADER, info.request_id)
