@@ -44,12 +44,14 @@ def code_of_error(exc: BaseException, context: aio.ServicerContext) -> grpc.Stat
     if isinstance(exc, aio.AbortError):
         code: grpc.StatusCode | None = context.code()
         return code or UNKNOWN
+    # Once the caller's deadline has passed, grpc has ended the call with DEADLINE_EXCEEDED,
+    # whatever the handler raised after that: cancellation (grpc cancels the handler on the
+    # deadline as on a caller's cancel; only the remaining time tells them apart, and it is
+    # None or huge without a deadline), or a failed attempt to send its own status.
+    remaining = context.time_remaining()
+    if remaining is not None and remaining < DEADLINE_SLACK:
+        return DEADLINE_EXCEEDED
     if isinstance(exc, asyncio.CancelledError | GeneratorExit):
-        # grpc cancels the handler both when the caller cancels and when the deadline passes;
-        # only the remaining time tells them apart (None or huge when no deadline was set).
-        remaining = context.time_remaining()
-        if remaining is not None and remaining < DEADLINE_SLACK:
-            return DEADLINE_EXCEEDED
         return CANCELLED
     return UNKNOWN  # what grpc answers for an exception nobody mapped
 

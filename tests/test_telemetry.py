@@ -44,6 +44,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from interceptors.chain import ServerLink
 from interceptors.client import for_every_kind
+from interceptors.deadline import Deadline
 from interceptors.errors import ErrorMapping
 from interceptors.metrics import ACCESS_LOGGER, Metrics
 from interceptors.request_id import ClientRequestId, RequestId
@@ -601,6 +602,25 @@ async def test_metrics_count_calls_and_time_them_by_method_and_final_code() -> N
         'learnmesh_rpc_server_calls_total{code="NOT_FOUND",method="GetCourse",'
         f'service="{COURSE}"}} 2.0'
     ) in text
+
+
+async def test_calls_whose_deadline_passes_in_flight_count_as_deadline_exceeded() -> None:
+    """The caller got DEADLINE_EXCEEDED; error mapping's abort then fails on the ended call
+    (grpc raises its own error), which must not be counted as UNKNOWN."""
+    registry = CollectorRegistry()
+    course = CourseDouble()
+    course.script.delay = 0.05
+    links = [Metrics(registry, access_log=False), ErrorMapping(), Deadline(10.0, 30.0)]
+    async with running(links, course=course) as (_, channel):
+        stub = course_pb2_grpc.CourseServiceStub(channel)
+        for _ in range(5):
+            with pytest.raises(aio.AioRpcError) as caught:
+                await stub.GetCourse(get_course(), timeout=0.01)
+            assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        await asyncio.sleep(0.1)  # the handlers end after their callers gave up
+    calls = "learnmesh_rpc_server_calls_total"
+    assert sample(registry, calls, "GetCourse", "DEADLINE_EXCEEDED") >= 1
+    assert sample(registry, calls, "GetCourse", "UNKNOWN") == 0
 
 
 async def test_two_metrics_links_on_one_registry_share_the_collectors() -> None:
