@@ -203,7 +203,10 @@ class _DropRule:
                 if trace_id & _LOW_64 >= bound:
                     return trace_id
         while True:
-            trace_id = _getrandbits(64) << 64 | _randbelow(bound)
+            if bound >= _EVERYTHING:  # everything is sampled: any random id will do
+                trace_id = _getrandbits(128)
+            else:
+                trace_id = _getrandbits(64) << 64 | _randbelow(bound)
             if trace_id:
                 return trace_id
 
@@ -359,12 +362,13 @@ def _call_attributes(context: aio.ServicerContext) -> dict[str, str]:
     """What a recorded server span learns from the call: the caller's address and the
     request id (set by the request-id link, outside this one)."""
     found: dict[str, str] = {}
-    address, _port = peer_of(context.peer())
+    info = principal.call_info()
+    # The request-id link has parsed the address already; alone, this link asks grpc.
+    address = info.client_address or peer_of(context.peer())[0]
     if address:  # the port of a client's connection says little; it is left out (cost)
         found["network.peer.address"] = address
-    request_id = principal.call_info().request_id
-    if request_id:
-        found["learnmesh.request_id"] = request_id
+    if info.request_id:
+        found["learnmesh.request_id"] = info.request_id
     return found
 
 
