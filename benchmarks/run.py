@@ -2,14 +2,14 @@
 
     python -m benchmarks.run [--rounds 10] [--seconds 3]
 
-Each configuration of benchmarks/servers.py runs in its own process, all started at once
-(a server nobody calls is idle); h2load (Debian package nghttp2-client) drives one at a
-time from outside with unary calls. A round measures every configuration and the bare
-server back to back, in an order that reverses every round, so the drift of a shared
-machine (easily ±15 % over a minute here) hits a configuration and the bare server it is
-compared with alike. Each figure is the median over rounds of (configuration calls/s) /
-(bare calls/s of the same round); the quartiles of those ratios show the spread. The
-results go to benchmarks/RESULTS.md and into README.md between the benchmark markers.
+Each configuration of benchmarks/servers.py runs in its own process, all started afresh
+every round (a server nobody calls is idle); h2load (Debian package nghttp2-client)
+drives one at a time from outside with unary calls. Every run of a configuration is
+paired with a run of the bare server right next to it, before or after it in turn, so
+the drift of a shared machine (easily ±15 % over a minute here) hits both alike. Each
+figure is the median over rounds of (configuration calls/s) / (bare calls/s of its
+pair); the quartiles of those ratios show the spread. The results go to
+benchmarks/RESULTS.md and into README.md between the benchmark markers.
 """
 
 from __future__ import annotations
@@ -139,10 +139,15 @@ Round = dict[str, tuple[float, float]]
 
 def rounds_of(load: h2load.Load, count: int) -> Iterator[Round]:
     """``count`` rounds; in each, every run is measured right after (or, every other round,
-    right before) the bare server making the same call."""
-    with servers(CONFIGS) as addresses:
-        bearer = (("authorization", f"Bearer {asyncio.run(_token(addresses['full']))}"),)
-        for number in range(count):
+    right before) the bare server making the same call.
+
+    Every round starts fresh server processes: one process can run a few percent faster or
+    slower than another of the same code for its whole life (memory layout, hash seed), a
+    bias that repeating runs against the same processes would never average out.
+    """
+    for number in range(count):
+        with servers(CONFIGS) as addresses:
+            bearer = (("authorization", f"Bearer {asyncio.run(_token(addresses['full']))}"),)
             found: Round = {}
             for name, config, target, signed_in, bare in RUNS:
                 pair = [
@@ -153,7 +158,7 @@ def rounds_of(load: h2load.Load, count: int) -> Iterator[Round]:
                     pair.reverse()
                 rates = {c: measure(addresses[c], call, load, h) for c, call, h in pair}
                 found[name] = (rates[config], rates["bare"])
-            yield found
+        yield found
 
 
 def report(rounds: list[Round], load: h2load.Load) -> str:
