@@ -4,7 +4,8 @@ Tracing and metrics need the status the caller will receive, not the exception t
 raised: after error mapping an error arrives as ``AbortError`` (the code is on the
 context), a cancelled or timed-out call as ``CancelledError``, and a normal return is OK
 unless the handler set a code itself. ``observe`` wraps a behaviour of any RPC kind so a
-link gets one ``begin`` before the handler and exactly one ``end`` with that status.
+link gets one ``begin`` before the handler and exactly one ``end`` with that status, unless
+``begin`` returned None: then the call has nothing to end and costs no ``end`` at all.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
 # runs out; a cancellation this close to the deadline is the deadline.
 DEADLINE_SLACK = 0.1
 
-# begin(context) -> state; end(state, context, final code, exception or None)
+# begin(context) -> state, or None for nothing to end; end(state, context, final code,
+# exception or None)
 Begin = Callable[[aio.ServicerContext], Any]
 End = Callable[[Any, aio.ServicerContext, grpc.StatusCode, BaseException | None], None]
 
@@ -57,11 +59,14 @@ def code_of_error(exc: BaseException, context: aio.ServicerContext) -> grpc.Stat
 
 
 def observe(method: MethodInfo, behavior: Behavior, begin: Begin, end: End) -> Behavior:
-    """Wraps ``behavior`` so ``begin`` runs before it and ``end`` once with the final code."""
+    """Wraps ``behavior`` so ``begin`` runs before it and ``end`` once with the final code
+    (unless ``begin`` returned None)."""
     if method.kind in ("unary_unary", "stream_unary"):
 
         async def unary_response(request: Any, context: aio.ServicerContext) -> Any:
             state = begin(context)
+            if state is None:
+                return await behavior(request, context)
             try:
                 response = await behavior(request, context)
             except BaseException as exc:
@@ -74,6 +79,10 @@ def observe(method: MethodInfo, behavior: Behavior, begin: Begin, end: End) -> B
 
     async def streaming_response(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
         state = begin(context)
+        if state is None:
+            async for message in stream_of(behavior(request, context)):
+                yield message
+            return
         try:
             async for message in stream_of(behavior(request, context)):
                 yield message

@@ -31,7 +31,6 @@ from opentelemetry.sdk.resources import SERVICE_NAME, OTELResourceDetector, Reso
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
-from interceptors.tracing import StagedIds
 from learnmesh.config import ConfigError
 from learnmesh.principal import call_info
 
@@ -89,8 +88,7 @@ def setup_tracing(service_name: str, *, set_global: bool = True) -> TracerProvid
     names = _exporter_names(env)
     from_env = OTELResourceDetector().detect().attributes
     resource = Resource.create({SERVICE_NAME: service_name, **from_env})
-    # StagedIds lets the tracing links skip the SDK's costly path for spans it drops.
-    provider = TracerProvider(resource=resource, id_generator=StagedIds())
+    provider = TracerProvider(resource=resource)
     for name in names:
         if name == "otlp":
             provider.add_span_processor(_otlp_processor(env))

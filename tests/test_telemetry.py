@@ -26,8 +26,9 @@ from typing import Any
 import grpc
 import pytest
 from grpc import aio
+from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
@@ -39,7 +40,7 @@ from opentelemetry.sdk.trace.sampling import (
     Sampler,
     TraceIdRatioBased,
 )
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import INVALID_SPAN_CONTEXT, SpanContext, SpanKind, StatusCode
 from prometheus_client import CollectorRegistry, generate_latest
 
 from interceptors.chain import ServerLink
@@ -48,7 +49,8 @@ from interceptors.deadline import Deadline
 from interceptors.errors import ErrorMapping
 from interceptors.metrics import ACCESS_LOGGER, Metrics
 from interceptors.request_id import ClientRequestId, RequestId
-from interceptors.tracing import ClientTracing, SpanStarter, StagedIds, Tracing
+from interceptors.spans import SpanStarter
+from interceptors.tracing import TRACER_NAME, ClientTracing, Tracing
 from learnmesh import telemetry
 from learnmesh.config import ConfigError
 from learnmesh.course.v1 import course_pb2, course_pb2_grpc
@@ -76,25 +78,44 @@ class SeededIds(RandomIdGenerator):
         return self._random.getrandbits(64)
 
 
-# How a provider makes ids, which decides the path the tracing links take:
-# "lazy": StagedIds over the SDK's random ids (what setup_tracing builds; the fastest path);
-# "eager": StagedIds over other ids (dropped spans still made directly);
-# "sdk": no StagedIds (the SDK decides and makes every span).
+class Opaque(Sampler):
+    """The decisions of ``inner`` through a sampler the fast path does not know: the SDK
+    must decide and make every span."""
+
+    def __init__(self, inner: Sampler) -> None:
+        self.inner = inner
+
+    def should_sample(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner.should_sample(*args, **kwargs)
+
+    def get_description(self) -> str:
+        return f"Opaque({self.inner.get_description()})"
+
+
+# The paths the tracing links can take, by how the provider is set up:
+# "lazy": the SDK's random ids (what setup_tracing builds): decided and made by SpanStarter,
+#   a dropped root's ids drawn only when asked for;
+# "eager": other ids, decided and made by SpanStarter with ids drawn at once;
+# "sdk": a sampler SpanStarter does not know: the SDK decides and makes every span.
 ID_MODES = ("lazy", "eager", "sdk")
 
 
 class Traces:
     """A tracer provider whose finished spans land in memory."""
 
-    def __init__(self, sampler: Sampler | None = None, ids: str = "lazy", seed: int = 1) -> None:
+    def __init__(
+        self,
+        sampler: Sampler | None = None,
+        ids: str = "lazy",
+        seed: int = 1,
+        limits: SpanLimits | None = None,
+    ) -> None:
         self.exporter = InMemorySpanExporter()
-        generator = {
-            "lazy": lambda: StagedIds(),
-            "eager": lambda: StagedIds(SeededIds(seed)),
-            "sdk": lambda: SeededIds(seed),
-        }[ids]()
+        sampler = sampler or ParentBased(ALWAYS_ON)
         self.provider = TracerProvider(
-            sampler=sampler or ParentBased(ALWAYS_ON), id_generator=generator
+            sampler=Opaque(sampler) if ids == "sdk" else sampler,
+            id_generator=None if ids == "lazy" else SeededIds(seed),
+            span_limits=limits,
         )
         self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
 
@@ -505,16 +526,6 @@ async def test_a_roots_decision_travels_to_b(ids: str) -> None:
     sampled.provider.shutdown()
 
 
-class Coin(Sampler):
-    """A sampler the fast path does not know: the SDK must decide with it."""
-
-    def should_sample(self, *args: Any, **kwargs: Any) -> Any:
-        return ALWAYS_ON.should_sample(*args, **kwargs)
-
-    def get_description(self) -> str:
-        return "Coin"
-
-
 @pytest.mark.parametrize(
     ("sampler", "known"),
     [
@@ -524,17 +535,38 @@ class Coin(Sampler):
         (ParentBased(ALWAYS_OFF), True),
         (TraceIdRatioBased(0.3), True),
         (ALWAYS_OFF, True),
-        (ALWAYS_ON, False),  # nothing to drop: the SDK path costs the same
-        (Coin(), False),
-        (ParentBased(Coin()), False),
+        (ALWAYS_ON, True),
+        (Opaque(ALWAYS_ON), False),
+        (ParentBased(Opaque(ALWAYS_ON)), False),
         (ParentBased(TraceIdRatioBased(0.1), remote_parent_not_sampled=ALWAYS_ON), False),
     ],
 )
 def test_the_fast_path_is_taken_only_for_samplers_it_can_follow(
     sampler: Sampler, known: bool
 ) -> None:
-    assert (SpanStarter(Traces(sampler).provider).rule is not None) is known
-    assert SpanStarter(Traces(sampler, ids="sdk").provider).rule is None
+    assert (SpanStarter(Traces(sampler).provider, TRACER_NAME).path is not None) is known
+    assert (
+        SpanStarter(Traces(sampler, ids="eager").provider, TRACER_NAME).path is not None
+    ) is known
+    assert SpanStarter(Traces(sampler, ids="sdk").provider, TRACER_NAME).path is None
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [SpanLimits(max_span_attribute_length=64), SpanLimits(max_span_attributes=8)],
+)
+def test_limits_that_could_cut_the_links_attributes_leave_spans_to_the_sdk(
+    limits: SpanLimits,
+) -> None:
+    assert SpanStarter(Traces(limits=limits).provider, TRACER_NAME).path is None
+    assert SpanStarter(Traces(limits=SpanLimits()).provider, TRACER_NAME).path is not None
+
+
+def test_the_sdks_internal_span_metrics_leave_spans_to_the_sdk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", "true")
+    assert SpanStarter(Traces().provider, TRACER_NAME).path is None
 
 
 @pytest.mark.parametrize("ids", ["lazy", "eager"])
@@ -542,7 +574,7 @@ def test_the_fast_path_is_taken_only_for_samplers_it_can_follow(
 def test_dropped_and_sampled_roots_keep_the_ratio_rule(ids: str) -> None:
     sampler = ParentBased(TraceIdRatioBased(0.25))
     traces = Traces(sampler, ids=ids, seed=3)
-    starter = SpanStarter(traces.provider)
+    starter = SpanStarter(traces.provider, TRACER_NAME)
     spans = [starter.start("root", SpanKind.SERVER, Context(), None, {}) for _ in range(2000)]
     recorded = [span for span in spans if span.is_recording()]
     assert 400 <= len(recorded) <= 600
@@ -557,6 +589,139 @@ def test_dropped_and_sampled_roots_keep_the_ratio_rule(ids: str) -> None:
     assert len({s.get_span_context().trace_id for s in spans}) == 2000
     for span in recorded:
         span.end()
+
+
+# --- recorded spans are the SDK's spans -------------------------------------------------------
+
+
+class Stamping(SpanProcessor):
+    """A processor that reads and changes spans as they start and end, as the SDK lets it."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[Any, ...]] = []
+
+    def on_start(self, span: Any, parent_context: Context | None = None) -> None:
+        self.seen.append((span.name, span.kind, span.parent, dict(span.attributes)))
+        span.set_attribute("stamped.at_start", span.name)
+
+    def _on_ending(self, span: Any) -> None:
+        self.seen.append((span.name, span.is_recording()))
+        span.set_attribute("stamped.on_ending", True)  # too late, in the SDK too
+
+
+class Annotating(CourseDouble):
+    """A handler that adds to its call's span everything the API offers."""
+
+    async def GetCourse(self, request: Any, context: aio.ServicerContext) -> Any:
+        span = trace.get_current_span()
+        span.set_attribute("course.level", "beginner")
+        span.set_attributes({f"course.n{i}": i for i in range(40)})  # past the count limit
+        span.set_attribute("course.tags", ["grpc", "intro"])  # cleaned to a tuple
+        span.set_attribute("course.weird", object())  # not an attribute value
+        span.set_attribute("", "no key")  # dropped and counted
+        span.set_attribute("course.level", "advanced")  # set again: moves to the end
+        span.add_event("cache miss", {"key": "course:1", "size": 3, "bad": object(), "n": 1})
+        span.add_link(
+            SpanContext(int(TRACE_HEX, 16), int(SPAN_HEX, 16), True), {"link.kind": "follows"}
+        )
+        span.add_link(INVALID_SPAN_CONTEXT)  # says nothing: not kept
+        try:
+            raise ValueError("no such lesson")
+        except ValueError as exc:
+            span.record_exception(exc, {"lesson": 7})
+        span.update_name("CourseService/GetCourse annotated")
+        span.set_status(StatusCode.OK)
+        span.set_status(StatusCode.ERROR, "ignored: OK is final")
+        return await super().GetCourse(request, context)
+
+
+def portrait(span: ReadableSpan) -> dict[str, Any]:
+    """What an exporter reads of a span, but for ids, times and stack traces."""
+    assert span.start_time is not None and span.end_time is not None
+    assert span.start_time <= span.end_time
+    events = []
+    for event in span.events:
+        attributes = dict(event.attributes or {})
+        if "exception.stacktrace" in attributes:
+            assert "ValueError: no such lesson" in str(attributes.pop("exception.stacktrace"))
+        events.append((event.name, attributes, event.dropped_attributes))
+    return {
+        "name": span.name,
+        "kind": span.kind,
+        "parent": span.parent,
+        "flags": span.context.trace_flags,
+        "state": span.context.trace_state,
+        "attributes": list(dict(span.attributes or {}).items()),
+        "dropped_attributes": span.dropped_attributes,
+        "events": events,
+        "links": [
+            (link.context, dict(link.attributes or {}), link.dropped_attributes)
+            for link in span.links
+        ],
+        "status": (span.status.status_code, span.status.description),
+        "resource": span.resource,
+        "scope": span.instrumentation_scope,
+    }
+
+
+@pytest.mark.parametrize("traceparent", [None, f"00-{TRACE_HEX}-{SPAN_HEX}-01"])
+async def test_a_recorded_span_exports_what_the_sdks_span_would(traceparent: str | None) -> None:
+    """One call annotated by its handler, through SpanStarter's spans and the SDK's own,
+    under count limits the handler runs past: processors and exporters see the same."""
+    limits = SpanLimits(max_span_attributes=40, max_event_attributes=3, max_links=4)
+    portraits, seen = [], []
+    for ids in ("lazy", "sdk"):
+        traces = Traces(ids=ids, limits=limits)
+        stamping = Stamping()
+        traces.provider.add_span_processor(stamping)
+        assert (SpanStarter(traces.provider, TRACER_NAME).path is None) is (ids == "sdk")
+        metadata = () if traceparent is None else (("traceparent", traceparent),)
+        async with running([Tracing(traces.provider)], course=Annotating()) as (_, channel):
+            await course_pb2_grpc.CourseServiceStub(channel).GetCourse(
+                get_course(), metadata=metadata
+            )
+        (span,) = traces.spans()
+        portraits.append(portrait(span))
+        seen.append(stamping.seen)
+        traces.provider.shutdown()
+    ours, sdks = portraits
+    assert ours == sdks
+    assert seen[0] == seen[1]
+    assert seen[0][0][0] == GET_COURSE and seen[0][0][3]["rpc.method"] == "GetCourse"
+    attributes = dict(ours["attributes"])
+    assert ours["name"] == "CourseService/GetCourse annotated"
+    assert ours["dropped_attributes"] > 0 and len(attributes) == 40
+    assert "rpc.system" not in attributes  # the oldest went first
+    assert list(attributes)[-3:] == ["course.weird", "course.level", "rpc.grpc.status_code"]
+    assert attributes["course.tags"] == ("grpc", "intro")
+    assert ours["status"] == (StatusCode.OK, None)
+    assert [name for name, _, _ in ours["events"]] == ["cache miss", "exception"]
+    (_, miss, miss_dropped), (_, exception, _) = ours["events"]
+    assert miss_dropped == 1 and miss["n"] == 1
+    assert exception == {"exception.escaped": "False", "lesson": 7}  # and the stack trace
+    (link,) = ours["links"]
+    assert link[1] == {"link.kind": "follows"}
+
+
+async def test_a_recorded_span_refuses_changes_once_ended(
+    traces: Traces, caplog: pytest.LogCaptureFixture
+) -> None:
+    starter = SpanStarter(traces.provider, TRACER_NAME)
+    span = starter.start("once", SpanKind.INTERNAL, Context(), None, {"a": "1"})
+    assert span.is_recording()
+    span.end()
+    assert not span.is_recording()
+    span.set_attribute("late", 1)
+    span.add_event("late")
+    span.set_status(StatusCode.ERROR)
+    span.update_name("renamed")
+    span.end()
+    (exported,) = traces.spans()
+    assert exported.name == "once"
+    assert dict(exported.attributes or {}) == {"a": "1"}
+    assert not exported.events
+    assert exported.status.status_code is StatusCode.UNSET
+    assert "ended span" in caplog.text
 
 
 # --- metrics ----------------------------------------------------------------------------------
@@ -805,7 +970,7 @@ def processors(provider: TracerProvider) -> tuple[Any, ...]:
 def test_unset_exporter_means_none_and_defaults_apply(otel_env: pytest.MonkeyPatch) -> None:
     provider = telemetry.setup_tracing("svc-default", set_global=False)
     assert processors(provider) == ()
-    assert isinstance(provider.id_generator, StagedIds)  # the tracing links' fast path
+    assert SpanStarter(provider, TRACER_NAME).path is not None  # the tracing links' fast path
     assert provider.resource.attributes["service.name"] == "svc-default"
     assert provider.sampler.get_description().startswith("ParentBased{root:AlwaysOnSampler")
     provider.shutdown()
