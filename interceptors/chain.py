@@ -34,7 +34,12 @@ _trailers: ContextVar[list[tuple[str, str | bytes]] | None] = ContextVar(
 
 def add_trailer(context: aio.ServicerContext, key: str, value: str | bytes) -> None:
     """Adds trailing metadata to the call without dropping what other links added."""
-    add_trailers(context, (key, value))
+    found = _trailers.get()
+    if found is None:
+        found = []
+        _trailers.set(found)
+    found.append((key, value))
+    context.set_trailing_metadata(tuple(found))
 
 
 def add_trailers(context: aio.ServicerContext, *pairs: tuple[str, str | bytes]) -> None:

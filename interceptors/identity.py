@@ -10,7 +10,6 @@ the end-user-token rule of the auth link alone.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,7 +52,7 @@ class PeerIdentity(ServerLink):
             identity = spiffe_of(context)
             if identity:
                 info = principal.call_info()
-                principal.set_call_info(dataclasses.replace(info, peer_identity=identity))
+                principal.set_call_info(info._replace(peer_identity=identity))
             if not internal:
                 return
             if not identity:

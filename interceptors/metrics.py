@@ -149,8 +149,8 @@ class Metrics(ServerLink):
     def wrap(self, method: MethodInfo, behavior: Behavior) -> Behavior:
         stats = self.instruments
         service, name = method.service, method.name
-        # code -> its Series, filled on first use of each code
-        series: dict[grpc.StatusCode, Series] = {}
+        # code -> (its Series, its name), filled on first use of each code
+        by_code: dict[grpc.StatusCode, tuple[Series, str]] = {}
         log = self.log
         access_log = self.access_log
         method_text = _text(method.full_method)
@@ -166,12 +166,12 @@ class Metrics(ServerLink):
             _exc: BaseException | None,
         ) -> None:
             elapsed = now() - started
-            found = series.get(code)
+            found = by_code.get(code)
             if found is None:
-                found = series[code] = stats.get(service, name, code)
-            found.add(elapsed)
+                found = by_code[code] = (stats.get(service, name, code), code.name)
+            found[0].add(elapsed)
             if access_log and log.isEnabledFor(_INFO):
-                _access_line(log, context, method.full_method, method_text, code, elapsed)
+                _access_line(log, context, method.full_method, method_text, found[1], elapsed)
 
         return observe(method, behavior, begin, end)
 
@@ -181,7 +181,7 @@ def _access_line(
     context: aio.ServicerContext,
     method: str,
     method_text: str,
-    code: grpc.StatusCode,
+    status: str,
     elapsed: float,
 ) -> None:
     """Writes one access line: straight to the JSON writer when it alone listens (the usual
@@ -198,7 +198,7 @@ def _access_line(
             access_line(
                 time.time(),
                 method_text,
-                code.name,
+                status,
                 duration_ms,
                 request_id,
                 trace_id,
@@ -217,14 +217,14 @@ def _access_line(
         "span_id": span_id,
         "peer": peer,
         "method": method,
-        "status": code.name,
+        "status": status,
         "duration_ms": duration_ms,
     }
     if info.peer_identity:
         fields["peer_identity"] = info.peer_identity
     if user_id is not None:
         fields["user_id"] = user_id
-    message = f"{method} {code.name} {duration_ms} ms"
+    message = f"{method} {status} {duration_ms} ms"
     log.handle(log.makeRecord(log.name, _INFO, "", 0, message, (), None, extra=fields))
 
 
@@ -242,20 +242,15 @@ def access_line(
 ) -> str:
     """The access line ``json_line`` writes for these fields, built in one go (``method_text``
     is the method already JSON-encoded; trace and span ids are hex, status a code name)."""
-    line = (
-        f'{{"time": "{iso_time(created)}", "level": "INFO", "logger": "{ACCESS_LOGGER}", '
-        f'"message": {method_text[:-1]} {status} {duration_ms} ms"'
-    )
-    if request_id:
-        line += f', "request_id": {_text(request_id)}'
-    if trace_id:
-        line += f', "trace_id": "{trace_id}", "span_id": "{span_id}"'
-    line += (
-        f', "peer": {_text(peer)}, "method": {method_text}, "status": "{status}", '
-        f'"duration_ms": {duration_ms}'
-    )
-    if peer_identity:
-        line += f', "peer_identity": {_text(peer_identity)}'
+    ms = repr(duration_ms)  # what json writes for a finite float, made once for two places
+    ids = f', "trace_id": "{trace_id}", "span_id": "{span_id}"' if trace_id else ""
+    request = f', "request_id": {_text(request_id)}' if request_id else ""
+    tail = f', "peer_identity": {_text(peer_identity)}' if peer_identity else ""
     if user_id is not None:
-        line += f', "user_id": {_text(user_id)}'
-    return line + "}\n"
+        tail += f', "user_id": {_text(user_id)}'
+    return (
+        f'{{"time": "{iso_time(created)}", "level": "INFO", "logger": "{ACCESS_LOGGER}", '
+        f'"message": {method_text[:-1]} {status} {ms} ms"{request}{ids}, '
+        f'"peer": {_text(peer)}, "method": {method_text}, "status": "{status}", '
+        f'"duration_ms": {ms}{tail}}}\n'
+    )

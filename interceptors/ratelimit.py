@@ -337,7 +337,12 @@ class MemoryBackend:
             ):
                 best = (limit, remaining, seconds, reset_after)
         assert best is not None  # a rule has at least one window
-        return Decision(allowed, best[0], max(best[1], 0), best[2], best[3])
+        limit, remaining, seconds, reset_after = best
+        # tuple.__new__: a NamedTuple's own constructor is a Python function, and this runs
+        # on every call.
+        return tuple.__new__(
+            Decision, (allowed, limit, remaining if remaining > 0 else 0, seconds, reset_after)
+        )
 
     def _evict(self, table: OrderedDict[str, _Bucket], idle_before: float) -> None:
         while table:

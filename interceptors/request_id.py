@@ -39,9 +39,7 @@ def call_info_of(context: aio.ServicerContext) -> CallInfo:
         elif key == "user-agent":
             user_agent = str(value)[:256]
     return CallInfo(
-        client_address=peer_address(context.peer()),
-        user_agent=user_agent,
-        request_id=request_id or f"{_getrandbits(128):032x}",
+        peer_address(context.peer()), user_agent, request_id or f"{_getrandbits(128):032x}"
     )
 
 

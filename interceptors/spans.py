@@ -61,13 +61,13 @@ from opentelemetry.util import types
 
 _logger = logging.getLogger(__name__)
 # The key the API keeps the current span under in a Context, found through the public API.
-(_SPAN_KEY,) = trace.set_span_in_context(trace.INVALID_SPAN, Context())
+(SPAN_KEY,) = trace.set_span_in_context(trace.INVALID_SPAN, Context())
 
 
 def context_of(span: trace.Span) -> Context:
     """A context holding ``span`` alone: ``set_span_in_context(span, Context())`` without
     copying an empty context first."""
-    return Context({_SPAN_KEY: span})
+    return Context({SPAN_KEY: span})
 
 
 _NO_STATE = TraceState()
