@@ -27,13 +27,16 @@ import logging
 import os
 import random
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from time import time_ns
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.context import Context
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.sdk import trace as sdk_trace
 from opentelemetry.sdk.environment_variables import OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits
@@ -62,6 +65,26 @@ from opentelemetry.util import types
 _logger = logging.getLogger(__name__)
 # The key the API keeps the current span under in a Context, found through the public API.
 (SPAN_KEY,) = trace.set_span_in_context(trace.INVALID_SPAN, Context())
+
+
+def _runtime_context_var() -> ContextVar[Context] | None:
+    """The context variable behind OpenTelemetry's default runtime context (a private
+    field, read once); None when another runtime context is configured."""
+    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    if type(runtime) is not ContextVarsRuntimeContext:
+        return None
+    found = getattr(runtime, "_current_context", None)
+    return found if isinstance(found, ContextVar) else None
+
+
+_CURRENT = _runtime_context_var()
+# otel_context.attach and get_current without their two Python frames each (the tracing
+# link attaches, and the access log looks, on every call); the API's own functions when
+# the default runtime context is not the one in use.
+attach: Callable[[Context], object] = _CURRENT.set if _CURRENT is not None else otel_context.attach
+current_context: Callable[[], Context] = (
+    _CURRENT.get if _CURRENT is not None else otel_context.get_current
+)
 
 
 def context_of(span: trace.Span) -> Context:
@@ -325,12 +348,7 @@ class RecordedSpan(trace.Span, ReadableSpan):
         limits = self._path.limits
         if not isinstance(self._events, BoundedList):
             self._events = BoundedList(limits.max_events)
-        bounded = BoundedAttributes(
-            limits.max_event_attributes,
-            attributes,
-            max_value_len=limits.max_attribute_length,
-            immutable=True,
-        )
+        bounded = self._frozen(attributes, limits.max_event_attributes)
         self._events.append(Event(name=name, attributes=bounded, timestamp=timestamp))
 
     def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
@@ -341,13 +359,14 @@ class RecordedSpan(trace.Span, ReadableSpan):
         limits = self._path.limits
         if not isinstance(self._links, BoundedList):
             self._links = BoundedList(limits.max_links)
-        bounded = BoundedAttributes(
-            limits.max_link_attributes,
-            attributes,
-            max_value_len=limits.max_attribute_length,
-            immutable=True,
+        self._links.append(Link(context, self._frozen(attributes, limits.max_link_attributes)))
+
+    def _frozen(self, attributes: types.Attributes, count: int | None) -> BoundedAttributes:
+        """An event's or a link's attributes, cleaned and cut as the SDK does."""
+        limits = self._path.limits
+        return BoundedAttributes(
+            count, attributes, max_value_len=limits.max_attribute_length, immutable=True
         )
-        self._links.append(Link(context, bounded))
 
     def update_name(self, name: str) -> None:
         if not self._ended("update_name"):
@@ -414,6 +433,14 @@ class SpanStarter:
         # spans that are kept (on the fast path), and given at their start.
         self.kept_attributes = kept_attributes
 
+    @property
+    def lazy_root_rate(self) -> float | None:
+        """Roots are dropped when ``random.random()`` is at least this, the coin alone
+        deciding (the SDK's random ids; ``kept_root`` makes those it keeps); None: ask
+        ``start_root``. For a caller that tosses the coin itself on its hottest path."""
+        path = self.path
+        return path.root_rate if path is not None and path.lazy else None
+
     def start_root(
         self,
         name: str,
@@ -422,23 +449,39 @@ class SpanStarter:
         attributes: dict[str, str],
         source: Any = None,
     ) -> trace.Span:
-        """A span that starts a new trace (``parent_context`` holds no valid span). Nine
-        calls in ten take its first return at 10 % sampling: a coin and one object."""
+        """A span that starts a new trace (``parent_context`` holds no valid span)."""
         path = self.path
         if path is None:
             return self._sdk_span(name, kind, parent_context, attributes, source)
         if path.lazy:
             if _random() >= path.root_rate:
                 return DroppedRoot(path)
-            trace_id = path.root_trace_id(True)
-        else:
-            trace_id = path.new_trace_id()
-            if trace_id & _LOW_64 >= path.root_bound:
-                flags = _FLAGS[False, path.random_ids]
-                return NonRecordingSpan(
-                    SpanContext(trace_id, path.new_span_id(), False, flags, _NO_STATE)
-                )
+            return self.kept_root(name, kind, parent_context, attributes, source)
+        trace_id = path.new_trace_id()
+        if trace_id & _LOW_64 >= path.root_bound:
+            flags = _FLAGS[False, path.random_ids]
+            return NonRecordingSpan(
+                SpanContext(trace_id, path.new_span_id(), False, flags, _NO_STATE)
+            )
         flags = _FLAGS[True, path.random_ids]
+        return self._recorded(
+            path, name, kind, parent_context, None, trace_id, flags, _NO_STATE, attributes, source
+        )
+
+    def kept_root(
+        self,
+        name: str,
+        kind: SpanKind,
+        parent_context: Context,
+        attributes: dict[str, str],
+        source: Any = None,
+    ) -> RecordedSpan:
+        """A new trace's span that the coin of ``lazy_root_rate`` kept: its trace id is
+        drawn from the ids that decision allows."""
+        path = self.path
+        assert path is not None and path.lazy
+        flags = _FLAGS[True, path.random_ids]
+        trace_id = path.root_trace_id(True)
         return self._recorded(
             path, name, kind, parent_context, None, trace_id, flags, _NO_STATE, attributes, source
         )

@@ -15,12 +15,12 @@ has nothing to end, which matters at 10 % sampling where nine calls in ten are d
 
 from __future__ import annotations
 
+import random
 import re
 from typing import Any
 
 import grpc
 from grpc import aio
-from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import (
@@ -37,7 +37,7 @@ from interceptors.chain import Behavior, ServerLink, call_metadata
 from interceptors.client import ClientConcern, method_name, replace_details
 from interceptors.method import MethodInfo, split
 from interceptors.outcome import observe
-from interceptors.spans import SpanStarter, context_of
+from interceptors.spans import DroppedRoot, SpanStarter, attach, context_of, current_context
 from learnmesh import principal
 
 TRACER_NAME = "learnmesh.interceptors.tracing"
@@ -66,6 +66,7 @@ _OK = grpc.StatusCode.OK
 # The parent of a call that brought no trace context: a new trace, whatever the task
 # running the handler happened to inherit.
 _ROOT = Context()
+_random = random.random
 
 
 def parse_traceparent(traceparent: str, tracestate: str | None) -> SpanContext | None:
@@ -141,11 +142,14 @@ class Tracing(ServerLink):
         # Everything a call needs is bound here, once per method: the hot path below is a
         # metadata scan, one span, a context attach and, for sampled spans only, the
         # attribute work and the end.
-        start, start_root = self.starter.start, self.starter.start_root
+        starter = self.starter
+        start, start_root, kept_root = starter.start, starter.start_root, starter.kept_root
+        # Nine calls in ten at 10 % sampling are roots the coin drops: the coin is tossed
+        # here, and such a call costs a coin, one span object and a context to attach.
+        lazy_rate, path = starter.lazy_root_rate, starter.path
         span_name = method.full_method.lstrip("/")
         attributes = _rpc_attributes(method.service, method.name)
         server = SpanKind.SERVER
-        attach = otel_context.attach
 
         def begin(context: aio.ServicerContext) -> trace.Span | None:
             """The call's span, made current; None when it was dropped (nothing to end)."""
@@ -155,14 +159,19 @@ class Tracing(ServerLink):
                     traceparent = value
                 elif key == TRACESTATE:
                     tracestate = value
+            # Never detached: grpc.aio runs each call in a task of its own, and the task's
+            # context (the span in it) ends with the call.
             parent = None if traceparent is None else parse_traceparent(traceparent, tracestate)
-            if parent is None:
-                span = start_root(span_name, server, _ROOT, attributes, context)
-            else:
+            if parent is not None:
                 parent_context = context_of(NonRecordingSpan(parent))
                 span = start(span_name, server, parent_context, parent, attributes, context)
-            # Never detached: grpc.aio runs each call in a task of its own, and the task's
-            # context (this span in it) ends with the call.
+            elif lazy_rate is None:
+                span = start_root(span_name, server, _ROOT, attributes, context)
+            elif _random() >= lazy_rate:
+                attach(context_of(DroppedRoot(path)))  # type: ignore[arg-type]
+                return None
+            else:
+                span = kept_root(span_name, server, _ROOT, attributes, context)
             attach(context_of(span))
             return span if span.is_recording() else None
 
@@ -216,7 +225,7 @@ class ClientTracing(ClientConcern):
 
     def before(self, details: aio.ClientCallDetails) -> tuple[aio.ClientCallDetails, Any]:
         span_name, attributes = self._describe(method_name(details))
-        current = otel_context.get_current()
+        current = current_context()
         found = trace.get_current_span(current).get_span_context()
         parent = found if found.is_valid else None
         span = self.starter.start(span_name, SpanKind.CLIENT, current, parent, attributes)

@@ -27,12 +27,11 @@ from json.encoder import encode_basestring_ascii as _text
 from typing import IO, Any
 
 from opentelemetry import trace
-from opentelemetry.context import get_current as current_context
 from opentelemetry.sdk.resources import SERVICE_NAME, OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
-from interceptors.spans import SPAN_KEY
+from interceptors.spans import SPAN_KEY, current_context
 from learnmesh.config import ConfigError
 from learnmesh.principal import call_info
 
@@ -156,7 +155,7 @@ _IDS = frozenset({"request_id", "trace_id", "span_id"})
 def call_ids() -> tuple[str, str, str]:
     """(request id, trace id, span id) of the current call and span; empty when unknown."""
     # trace.get_current_span() in two calls instead of four (this runs for every log line).
-    span = current_context().get(SPAN_KEY)
+    span: trace.Span | None = current_context().get(SPAN_KEY)  # type: ignore[assignment]
     span_context = span.get_span_context() if span is not None else None
     if span_context is not None and span_context.is_valid:
         trace_id, span_id = f"{span_context.trace_id:032x}", f"{span_context.span_id:016x}"
