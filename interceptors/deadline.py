@@ -4,7 +4,10 @@ Server side: a call without a deadline gets the method's default, a longer one i
 the method's cap, and one already past ends with DEADLINE_EXCEEDED before the handler runs.
 The handler runs under that deadline, so when it passes (or the caller cancels, which
 grpc.aio delivers as cancellation) the handler's work, database calls included, is
-cancelled.
+cancelled. A handler that returns after its deadline (a loop timer fires a little late)
+also ends with DEADLINE_EXCEEDED rather than an answer its caller no longer waits for, so
+a deadline shorter than the call's own work fails every time, not only when a timer
+happens to win the race; what the handler did stands, as with any missed deadline.
 
 Client side: grpc Python does not propagate deadlines, so an outbound call made while
 serving one gets min(its own timeout, the inbound remaining time minus a small margin),
@@ -74,11 +77,14 @@ class Deadline(ServerLink):
                 seconds = budget(context)
                 with _Timer(seconds) as timer:
                     try:
-                        return await behavior(request, context)
+                        response = await behavior(request, context)
                     except asyncio.CancelledError:
                         if timer.fired:
                             raise exceeded(seconds) from None
                         raise
+                    if timer.overdue():
+                        raise exceeded(seconds)
+                    return response
 
             return unary_response
 
@@ -94,6 +100,8 @@ class Deadline(ServerLink):
                     if timer.fired:
                         raise exceeded(seconds) from None
                     raise
+                if timer.overdue():
+                    raise exceeded(seconds)
 
         return streaming_response
 
@@ -108,14 +116,19 @@ class _Timer:
     whose deadlines fall in one slot share a single loop timer (``_Slots``).
     """
 
-    __slots__ = ("fired", "slot", "task")
+    __slots__ = ("due", "fired", "slot", "task")
 
     def __init__(self, seconds: float) -> None:
         self.fired = False
-        _deadline.set(time.monotonic() + seconds)
+        self.due = due = time.monotonic() + seconds
+        _deadline.set(due)
         self.task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         self.slot = _slots_of(loop).join(self, seconds, loop)
+
+    def overdue(self) -> bool:
+        """The deadline has passed (whether or not the slot's loop timer has fired yet)."""
+        return self.fired or time.monotonic() >= self.due
 
     def fire(self) -> None:
         self.fired = True

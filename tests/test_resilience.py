@@ -130,6 +130,29 @@ async def test_default_deadline_and_cap_apply_per_method() -> None:
         await clients.close()
 
 
+class Blocking(course_pb2_grpc.CourseServiceServicer):
+    """A handler that holds the event loop past its deadline (no loop timer can fire)."""
+
+    async def GetCourse(self, request: Any, context: aio.ServicerContext) -> Any:
+        time.sleep(0.15)  # noqa: ASYNC251 - the point: the loop is held past the deadline
+        return course_pb2.GetCourseResponse(course=course_pb2.Course(id=request.course_id))
+
+
+async def test_an_answer_made_after_the_deadline_is_deadline_exceeded() -> None:
+    """Timers fire late: the deadline decides, not which side of the race they land on."""
+    links = [ErrorMapping(), Deadline(0.05, 30.0)]
+    served = await serve(links, course=Blocking())
+    try:
+        async with aio.insecure_channel(served.address) as channel:
+            stub = course_pb2_grpc.CourseServiceStub(channel)
+            with pytest.raises(aio.AioRpcError) as err:
+                await stub.GetCourse(GET)  # no deadline of its own: the 50 ms default
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "did not finish within its deadline" in (err.value.details() or "")
+    finally:
+        await served.stop()
+
+
 async def test_outbound_call_fails_fast_when_no_time_is_left() -> None:
     b = CourseDouble()
     served_b = await serve([], course=b)
