@@ -434,12 +434,13 @@ class SpanStarter:
         self.kept_attributes = kept_attributes
 
     @property
-    def lazy_root_rate(self) -> float | None:
-        """Roots are dropped when ``random.random()`` is at least this, the coin alone
-        deciding (the SDK's random ids; ``kept_root`` makes those it keeps); None: ask
-        ``start_root``. For a caller that tosses the coin itself on its hottest path."""
+    def lazy_path(self) -> FastPath | None:
+        """The fast path when a root's coin alone decides (the SDK's random ids): roots are
+        dropped when ``random.random()`` is at least its ``root_rate`` (``kept_root`` makes
+        those it keeps); None: ask ``start_root``. For a caller that tosses the coin itself
+        on its hottest path."""
         path = self.path
-        return path.root_rate if path is not None and path.lazy else None
+        return path if path is not None and path.lazy else None
 
     def start_root(
         self,
@@ -476,7 +477,7 @@ class SpanStarter:
         attributes: dict[str, str],
         source: Any = None,
     ) -> RecordedSpan:
-        """A new trace's span that the coin of ``lazy_root_rate`` kept: its trace id is
+        """A new trace's span that the coin of ``lazy_path`` kept: its trace id is
         drawn from the ids that decision allows."""
         path = self.path
         assert path is not None and path.lazy

@@ -146,7 +146,7 @@ class Tracing(ServerLink):
         start, start_root, kept_root = starter.start, starter.start_root, starter.kept_root
         # Nine calls in ten at 10 % sampling are roots the coin drops: the coin is tossed
         # here, and such a call costs a coin, one span object and a context to attach.
-        lazy_rate, path = starter.lazy_root_rate, starter.path
+        lazy = starter.lazy_path
         span_name = method.full_method.lstrip("/")
         attributes = _rpc_attributes(method.service, method.name)
         server = SpanKind.SERVER
@@ -165,10 +165,10 @@ class Tracing(ServerLink):
             if parent is not None:
                 parent_context = context_of(NonRecordingSpan(parent))
                 span = start(span_name, server, parent_context, parent, attributes, context)
-            elif lazy_rate is None:
+            elif lazy is None:
                 span = start_root(span_name, server, _ROOT, attributes, context)
-            elif _random() >= lazy_rate:
-                attach(context_of(DroppedRoot(path)))  # type: ignore[arg-type]
+            elif _random() >= lazy.root_rate:
+                attach(context_of(DroppedRoot(lazy)))
                 return None
             else:
                 span = kept_root(span_name, server, _ROOT, attributes, context)
