@@ -24,7 +24,7 @@ os.environ.update(
     OTEL_TRACES_EXPORTER="none",
 )
 
-from interceptors.auth import AccessPolicy, JwksCache, TokenVerifier
+from interceptors.auth import AccessPolicy
 from interceptors.chain import ServerLink
 from interceptors.deadline import Deadline
 from interceptors.errors import ErrorMapping
@@ -37,7 +37,9 @@ from interceptors.tracing import Tracing
 from interceptors.validation import Validation
 from learnmesh import config
 from learnmesh.course.v1 import course_pb2
-from learnmesh.telemetry import setup_logging, setup_tracing
+from learnmesh.kernel.logs import setup_logging
+from learnmesh.kernel.tokens import JwksCache, TokenVerifier
+from learnmesh.telemetry import setup_tracing
 
 METHOD = "/learnmesh.course.v1.CourseService/GetCourse"
 REQUEST = course_pb2.GetCourseRequest(course_id="6f1c1f4e-8d1a-4c56-9a43-0e6f2b7d9a10")

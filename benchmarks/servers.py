@@ -77,9 +77,9 @@ async def _bare(port: int, links: list[Any] | None) -> aio.Server:
 
 async def _full(port: int) -> Any:
     from learnmesh import config
+    from learnmesh.kernel.logs import setup_logging
     from learnmesh.server import build_runtime, start_server
     from learnmesh.service import ServiceDefinition, definition
-    from learnmesh.telemetry import setup_logging
 
     access_log = True
     base = config.load(env={})

@@ -30,7 +30,7 @@ from grpc import aio
 from interceptors.chain import Behavior, ServerLink, stream_of
 from interceptors.client import ClientConcern, method_name, replace_details
 from interceptors.method import MethodInfo
-from learnmesh.errors import DeadlineExceeded
+from learnmesh.kernel.errors import DeadlineExceeded
 
 # Absolute time.monotonic() deadline of the call being served, for outbound propagation.
 _deadline: ContextVar[float | None] = ContextVar("learnmesh_deadline", default=None)

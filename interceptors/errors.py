@@ -18,8 +18,8 @@ from grpc import aio
 
 from interceptors.chain import Behavior, ServerLink, around, trailers
 from interceptors.method import MethodInfo
-from learnmesh import principal
-from learnmesh.errors import ERROR_DOMAIN, DomainError, InvalidArgument, ResourceExhausted
+from learnmesh.kernel import principal
+from learnmesh.kernel.errors import ERROR_DOMAIN, DomainError, InvalidArgument, ResourceExhausted
 
 log = logging.getLogger("learnmesh.errors")
 

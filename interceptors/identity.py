@@ -17,9 +17,9 @@ from grpc import aio
 
 from interceptors.chain import Behavior, ServerLink, guard
 from interceptors.method import MethodInfo
-from learnmesh import principal
 from learnmesh.common.v1 import access_pb2
-from learnmesh.errors import PermissionDenied, Unauthenticated
+from learnmesh.kernel import principal
+from learnmesh.kernel.errors import PermissionDenied, Unauthenticated
 
 
 def spiffe_of(context: aio.ServicerContext) -> str:

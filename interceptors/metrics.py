@@ -5,7 +5,7 @@ The histogram and counter are kept as plain numbers per (method, status code) by
 event-loop thread and turned into Prometheus families only when ``/metrics`` is scraped
 (prometheus_client's own instruments take a lock and walk the buckets in Python on every
 update, which on a trivial call costs more than everything else here). The access line goes
-to the ``learnmesh.access`` logger (formatted like ``learnmesh.telemetry.JsonFormatter``);
+to the ``learnmesh.access`` logger (formatted like ``learnmesh.kernel.logs.JsonFormatter``);
 when that logger is off for INFO nothing of it is built. The link sits inside tracing, so
 the span is still current when the line is written and the line carries its trace id.
 """
@@ -35,8 +35,8 @@ from interceptors.chain import Behavior, ServerLink
 from interceptors.method import MethodInfo
 from interceptors.outcome import observe
 from interceptors.request_id import peer_address
-from learnmesh import principal
-from learnmesh.telemetry import call_ids, direct_writer, iso_time
+from learnmesh.kernel import principal
+from learnmesh.kernel.logs import call_ids, direct_writer, iso_time
 
 ACCESS_LOGGER = "learnmesh.access"
 DURATION = "learnmesh_rpc_server_duration_seconds"

@@ -1,6 +1,6 @@
 """Rate limiting: the reference document's tiers, as sliding windows per caller and class.
 
-Who is counted, and against what (all numbers from ``Settings.limits``):
+Who is counted, and against what (all numbers from the ``Limits`` given):
 - a signed-in caller by user id, at their tier's per-minute limit times the method's class
   multiplier (read 1, write ``write_multiplier``, delete ``delete_multiplier``), plus a burst
   window of ``burst_multiplier`` x that rate spread over ``burst_window`` seconds;
@@ -17,7 +17,7 @@ when the tightest window frees a slot) in trailing metadata; a refused one ends 
 RESOURCE_EXHAUSTED and a google.rpc.RetryInfo detail (through the error-mapping link).
 
 Counters live in memory by default, or in Redis (one atomic Lua script per check, so several
-server processes share one limit exactly) when ``Settings.redis_url`` is set. If Redis is
+server processes share one limit exactly) when a Redis URL is configured. If Redis is
 unreachable the link fails open: the call goes through and a warning is logged (at most once
 per 30 s), since refusing every call would turn a Redis outage into a mesh outage.
 """
@@ -42,10 +42,9 @@ from redis.exceptions import RedisError
 
 from interceptors.chain import Behavior, ServerLink, add_trailers, guard
 from interceptors.method import MethodInfo
-from learnmesh import principal
 from learnmesh.common.v1 import access_pb2
-from learnmesh.config import LimitSettings, Settings
-from learnmesh.errors import ResourceExhausted
+from learnmesh.kernel import principal
+from learnmesh.kernel.errors import ResourceExhausted
 
 log = logging.getLogger("learnmesh.ratelimit")
 
@@ -54,7 +53,7 @@ REMAINING_HEADER = "x-ratelimit-remaining"
 RESET_HEADER = "x-ratelimit-reset"
 DEFAULT_TIER = "free"
 TIERS = ("free", "basic", "pro", "enterprise")
-DEFAULT_REDIS_PREFIX = LimitSettings.redis_prefix
+DEFAULT_REDIS_PREFIX = "learnmesh:rl:"
 
 # Counter names per rate class; they are part of the Redis key, so keep them stable.
 _CLASS_NAMES = {
@@ -120,6 +119,41 @@ class Backend(Protocol):
     async def aclose(self) -> None: ...
 
 
+class Limits(Protocol):
+    """The numbers the link counts against (the runtime's ``LimitSettings`` is one)."""
+
+    @property
+    def enabled(self) -> bool: ...
+    @property
+    def free_per_minute(self) -> int: ...
+    @property
+    def basic_per_minute(self) -> int: ...
+    @property
+    def pro_per_minute(self) -> int: ...
+    @property
+    def enterprise_per_minute(self) -> int: ...
+    @property
+    def write_multiplier(self) -> float: ...
+    @property
+    def delete_multiplier(self) -> float: ...
+    @property
+    def burst_multiplier(self) -> float: ...
+    @property
+    def burst_window(self) -> int: ...
+    @property
+    def login_per_minute(self) -> int: ...
+    @property
+    def login_per_hour(self) -> int: ...
+    @property
+    def register_per_minute(self) -> int: ...
+    @property
+    def register_per_hour(self) -> int: ...
+    @property
+    def password_reset_per_minute(self) -> int: ...
+    @property
+    def password_reset_per_hour(self) -> int: ...
+
+
 def _rule(name: str, description: str, windows: list[Window]) -> Rule:
     """A rule with one window per length (the tightest limit wins when two coincide)."""
     by_length: dict[int, int] = {}
@@ -141,7 +175,7 @@ def _whole(value: float) -> int:
     return max(1, math.floor(value + 1e-9))
 
 
-def tier_rule(limits: LimitSettings, rate_class: int, tier: str) -> Rule:
+def tier_rule(limits: Limits, rate_class: int, tier: str) -> Rule:
     """Per-minute tier limit times the class multiplier, plus the burst window."""
     multiplier = {
         access_pb2.RATE_CLASS_READ: 1.0,
@@ -158,7 +192,7 @@ def tier_rule(limits: LimitSettings, rate_class: int, tier: str) -> Rule:
     )
 
 
-def address_rule(limits: LimitSettings, rate_class: int) -> Rule:
+def address_rule(limits: Limits, rate_class: int) -> Rule:
     """The per-address minute and hour limits of login, register and password reset."""
     name = _CLASS_NAMES[rate_class]
     return _rule(
@@ -185,7 +219,7 @@ class RateLimit(ServerLink):
 
     def __init__(
         self,
-        limits: LimitSettings,
+        limits: Limits,
         backend: Backend,
         *,
         wall_clock: Callable[[], float] = time.time,
@@ -459,8 +493,8 @@ class RedisBackend:
         await self.client.aclose()
 
 
-def backend_for(settings: Settings) -> Backend:
-    """Redis when ``redis_url`` is set (limits shared across processes), else memory."""
-    if settings.redis_url:
-        return RedisBackend(settings.redis_url, prefix=settings.limits.redis_prefix)
+def backend_for(redis_url: str | None, prefix: str = DEFAULT_REDIS_PREFIX) -> Backend:
+    """Redis when ``redis_url`` is given (limits shared across processes), else memory."""
+    if redis_url:
+        return RedisBackend(redis_url, prefix=prefix)
     return MemoryBackend()

@@ -12,7 +12,7 @@ from grpc import aio
 from interceptors.chain import Behavior, ServerLink, add_trailer, call_metadata, guard
 from interceptors.client import ClientConcern, with_metadata
 from interceptors.method import MethodInfo
-from learnmesh.principal import CallInfo, call_info, set_call_info
+from learnmesh.kernel.principal import CallInfo, call_info, set_call_info
 
 HEADER = "x-request-id"
 _ACCEPTABLE = re.compile(r"[A-Za-z0-9._:-]{1,128}")

@@ -37,8 +37,9 @@ from interceptors.chain import Behavior, ServerLink, call_metadata
 from interceptors.client import ClientConcern, method_name, replace_details
 from interceptors.method import MethodInfo, split
 from interceptors.outcome import observe
-from interceptors.spans import DroppedRoot, SpanStarter, attach, context_of, current_context
-from learnmesh import principal
+from interceptors.spans import DroppedRoot, SpanStarter
+from learnmesh.kernel import principal
+from learnmesh.kernel.tracecontext import attach, context_of, current_context
 
 TRACER_NAME = "learnmesh.interceptors.tracing"
 TRACEPARENT = "traceparent"

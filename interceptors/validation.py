@@ -12,7 +12,7 @@ import protovalidate
 
 from interceptors.chain import Behavior, ServerLink, each_request
 from interceptors.method import MethodInfo
-from learnmesh.errors import FieldViolation, InvalidArgument
+from learnmesh.kernel.errors import FieldViolation, InvalidArgument
 
 
 def field_path(violation: protovalidate.Violation) -> str:

@@ -14,8 +14,8 @@ from typing import Any
 from sqlalchemy import Column, MetaData, String, Table, Text, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from learnmesh import principal
 from learnmesh.db import UtcDateTime, utcnow
+from learnmesh.kernel import principal
 
 
 def audit_table(name: str, metadata: MetaData) -> Table:

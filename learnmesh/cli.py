@@ -190,7 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"learnmesh: configuration error: {exc}", file=sys.stderr)
         return 1
     if args.command in ("up", "serve"):
-        from learnmesh.telemetry import setup_logging, setup_tracing
+        from learnmesh.kernel.logs import setup_logging
+        from learnmesh.telemetry import setup_tracing
 
         # JSON lines on stderr, each with the call's request id and trace id.
         setup_logging(settings.log_level, access_log=settings.telemetry.access_log)

@@ -12,7 +12,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from interceptors.auth import AccessPolicy, JwksCache, TokenVerifier
+from interceptors.auth import AccessPolicy
 from interceptors.chain import ServerChain, ServerLink
 from interceptors.deadline import Deadline
 from interceptors.errors import ErrorMapping
@@ -27,6 +27,7 @@ from learnmesh.auth.v1 import auth_pb2
 from learnmesh.client import ClientFactory
 from learnmesh.config import Settings
 from learnmesh.db import Database
+from learnmesh.kernel.tokens import JwksCache, TokenVerifier
 from learnmesh.service import Runtime, ServiceDefinition
 
 log = logging.getLogger("learnmesh.server")
@@ -80,7 +81,7 @@ def server_links(
         Deadline(settings.deadlines.default, settings.deadlines.cap, settings.method_deadlines),
         PeerIdentity(settings.tls.trust_domain, tls=tls, extra_callers=settings.tls.callers),
         AccessPolicy(verifier, owner_resolvers),
-        RateLimit(settings.limits, backend_for(settings)),
+        RateLimit(settings.limits, backend_for(settings.redis_url, settings.limits.redis_prefix)),
         Validation(),
     ]
 

@@ -24,9 +24,9 @@ from interceptors.errors import ErrorMapping
 from interceptors.method import MethodInfo
 from interceptors.ratelimit import RateLimit, RedisBackend
 from interceptors.request_id import RequestId
-from learnmesh import principal
 from learnmesh.config import LimitSettings
-from learnmesh.principal import Principal
+from learnmesh.kernel import principal
+from learnmesh.kernel.principal import Principal
 from tests.doubles import CourseDouble, serve
 
 USER_HEADER = "x-test-user"

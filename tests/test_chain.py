@@ -23,7 +23,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 from prometheus_client import CollectorRegistry
 
-from interceptors.auth import AccessPolicy, JwksCache, TokenVerifier
+from interceptors.auth import AccessPolicy
 from interceptors.deadline import Deadline
 from interceptors.errors import ErrorMapping
 from interceptors.identity import PeerIdentity
@@ -36,6 +36,7 @@ from learnmesh import config
 from learnmesh.client import ClientFactory
 from learnmesh.course.v1 import course_pb2, course_pb2_grpc
 from learnmesh.file.v1 import file_pb2, file_pb2_grpc
+from learnmesh.kernel.tokens import JwksCache, TokenVerifier
 from tests.doubles import COURSE_ID, CourseDouble, FileDouble, serve
 
 

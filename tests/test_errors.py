@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from interceptors.errors import ErrorMapping
 from interceptors.request_id import RequestId
 from learnmesh.course.v1 import course_pb2, course_pb2_grpc
-from learnmesh.errors import FailedPrecondition, NotFound
+from learnmesh.kernel.errors import FailedPrecondition, NotFound
 from tests.doubles import COURSE_ID, CourseDouble, serve
 
 SECRET = "hunter2-api-key"

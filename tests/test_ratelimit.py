@@ -487,7 +487,7 @@ def test_rules_follow_the_reference_tiers() -> None:
         Window(10, 25),
         Window(60, 75),
     )
-    assert isinstance(backend_for(config.load(env={})), MemoryBackend)
+    assert isinstance(backend_for(config.load(env={}).redis_url), MemoryBackend)
 
 
 async def test_memory_backend_stays_bounded_and_drops_idle_callers() -> None:

@@ -55,6 +55,7 @@ from learnmesh import telemetry
 from learnmesh.config import ConfigError
 from learnmesh.course.v1 import course_pb2, course_pb2_grpc
 from learnmesh.file.v1 import file_pb2, file_pb2_grpc
+from learnmesh.kernel import logs
 from tests.doubles import COURSE_ID, CourseDouble, FileDouble, Served, serve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -805,7 +806,7 @@ class Lines(logging.Handler):
 
     def __init__(self) -> None:
         super().__init__()
-        self.setFormatter(telemetry.JsonFormatter())
+        self.setFormatter(logs.JsonFormatter())
         self.lines: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -880,7 +881,7 @@ async def test_setup_logging_lines_written_during_a_call_carry_its_ids(traces: T
     root_level = root.level
     access_level = logging.getLogger(ACCESS_LOGGER).level
     switches = (logging.logThreads, logging.logProcesses, logging.logMultiprocessing)
-    handler = telemetry.setup_logging("INFO", stream=stream)
+    handler = logs.setup_logging("INFO", stream=stream)
     try:
         logging.getLogger("tests.outside").info("no call here")
         b_course = CourseDouble()
@@ -930,7 +931,7 @@ class StalledStream(io.StringIO):
 
 def test_a_stalled_stream_drops_lines_instead_of_piling_them_up() -> None:
     stream = StalledStream()
-    writer = telemetry.LineWriter(stream, max_queued=5)
+    writer = logs.LineWriter(stream, max_queued=5)
     started = time.monotonic()
     for i in range(50):
         writer.put(f"line {i}\n")
@@ -947,7 +948,7 @@ def test_a_stalled_stream_drops_lines_instead_of_piling_them_up() -> None:
 def test_text_logging_keeps_the_ids() -> None:
     record = logging.LogRecord("x", logging.INFO, "", 0, "hello %s", ("you",), None)
     record.request_id = "req-text"
-    line = telemetry.TextFormatter().format(record)
+    line = logs.TextFormatter().format(record)
     assert line.endswith("INFO x: hello you [request=req-text]")
 
 
@@ -1089,7 +1090,7 @@ async def test_a_and_b_in_separate_processes_share_one_trace_on_the_console(
 
 def test_access_lines_written_directly_match_the_json_formatter() -> None:
     """The access log's fast path (no LogRecord) writes exactly what JsonFormatter would."""
-    from learnmesh.telemetry import JsonFormatter, json_line
+    from learnmesh.kernel.logs import JsonFormatter, json_line
 
     fields = {
         "request_id": "req-1",
@@ -1122,7 +1123,7 @@ def test_the_access_line_builder_writes_what_json_line_writes(
 ) -> None:
     """The metrics link builds its line in one go; it must be the generic line, byte for byte."""
     from interceptors.metrics import access_line
-    from learnmesh.telemetry import json_line
+    from learnmesh.kernel.logs import json_line
 
     method = "/learnmesh.user.v1.UserService/GetMe"
     fields: dict[str, Any] = {

@@ -15,7 +15,8 @@ from interceptors.errors import ErrorMapping
 from interceptors.metrics import Metrics
 from interceptors.request_id import RequestId
 from interceptors.tracing import Tracing
-from learnmesh.telemetry import setup_logging, setup_tracing
+from learnmesh.kernel.logs import setup_logging
+from learnmesh.telemetry import setup_tracing
 from tests.doubles import CourseDouble, serve
 
 

@@ -22,10 +22,11 @@ from grpc import aio
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from learnmesh import audit, principal
+from learnmesh import audit
 from learnmesh.config import AuthSettings
 from learnmesh.db import utcnow
-from learnmesh.errors import (
+from learnmesh.kernel import principal
+from learnmesh.kernel.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import jwt
 
-from interceptors.auth import verified_claims
 from learnmesh.config import AuthSettings
-from learnmesh.errors import Unauthenticated
+from learnmesh.kernel.errors import Unauthenticated
+from learnmesh.kernel.tokens import verified_claims
 from services.auth.keys import ALGORITHM, KeyRing
 
 

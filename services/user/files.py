@@ -13,8 +13,8 @@ import grpc
 from grpc import aio
 
 from learnmesh.client import ClientFactory
-from learnmesh.errors import NotFound, Unauthenticated, Unavailable
 from learnmesh.file.v1 import file_pb2
+from learnmesh.kernel.errors import NotFound, Unauthenticated, Unavailable
 from services.user.profiles import AvatarFile, FileLookup
 
 TIMEOUT = 5.0

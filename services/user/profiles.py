@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from learnmesh import audit
 from learnmesh.config import Settings
 from learnmesh.db import Database, utcnow
-from learnmesh.errors import (
+from learnmesh.kernel.errors import (
     AlreadyExists,
     FailedPrecondition,
     FieldViolation,

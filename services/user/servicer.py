@@ -11,9 +11,9 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 from grpc import aio
 
-from learnmesh import principal
 from learnmesh.client import ClientFactory
 from learnmesh.common.v1 import common_pb2
+from learnmesh.kernel import principal
 from learnmesh.user.v1 import user_pb2, user_pb2_grpc
 from services.user import files
 from services.user.profiles import Preferences, Profile, ProfileChanges, Profiles

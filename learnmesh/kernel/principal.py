@@ -10,7 +10,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from learnmesh.errors import Unauthenticated
+from learnmesh.kernel.errors import Unauthenticated
 
 
 @dataclass(frozen=True)
