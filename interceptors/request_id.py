@@ -38,9 +38,8 @@ def call_info_of(context: aio.ServicerContext) -> CallInfo:
             request_id = value
         elif key == "user-agent":
             user_agent = str(value)[:256]
-    return CallInfo(
-        peer_address(context.peer()), user_agent, request_id or f"{_getrandbits(128):032x}"
-    )
+    call_id = f"{_getrandbits(128):032x}"
+    return CallInfo(peer_address(context.peer()), user_agent, request_id or call_id, "", call_id)
 
 
 class RequestId(ServerLink):

@@ -35,9 +35,13 @@ class CallInfo(NamedTuple):
 
     client_address: str = ""
     user_agent: str = ""
+    # The id echoed in ``x-request-id``: the caller's when it sent an acceptable one.
     request_id: str = ""
     # The calling mesh service's SPIFFE ID, when the call came over mTLS.
     peer_identity: str = ""
+    # An id this server made for the call, whatever the caller sent (a caller's request id
+    # is not trusted to be unique; the audit trail keeps both).
+    call_id: str = ""
 
 
 _principal: ContextVar[Principal | None] = ContextVar("learnmesh_principal", default=None)
