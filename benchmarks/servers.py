@@ -43,10 +43,10 @@ class BenchCourses(course_pb2_grpc.CourseServiceServicer):
     COURSE = course_pb2.GetCourseResponse(course=course_pb2.Course(title="Intro to gRPC"))
     PROGRESS = course_pb2.GetProgressResponse(progress=course_pb2.Progress(total_lessons=12))
 
-    async def GetCourse(self, request: Any, context: aio.ServicerContext) -> Any:
+    async def GetCourse(self, request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         return self.COURSE
 
-    async def GetProgress(self, request: Any, context: aio.ServicerContext) -> Any:
+    async def GetProgress(self, request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         return self.PROGRESS
 
 

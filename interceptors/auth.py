@@ -59,7 +59,7 @@ class AccessPolicy(ServerLink):
         resolver = self.owner_resolvers.get(method.full_method)
         verifier = self.verifier
 
-        async def check(request: Any, context: aio.ServicerContext) -> None:
+        async def check(request: Any, context: aio.ServicerContext[Any, Any]) -> None:
             token = bearer_token(call_metadata(context))
             if access == access_pb2.ACCESS_INTERNAL:
                 if token is not None:

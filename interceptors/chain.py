@@ -23,8 +23,8 @@ from interceptors.method import MethodInfo, RpcKind, method_info
 
 Behavior = Callable[..., Any]
 # (request or None for client-streaming calls, context) -> None, raising to refuse the call
-Check = Callable[[Any, aio.ServicerContext], Awaitable[None]]
-SyncCheck = Callable[[Any, aio.ServicerContext], None]
+Check = Callable[[Any, aio.ServicerContext[Any, Any]], Awaitable[None]]
+SyncCheck = Callable[[Any, aio.ServicerContext[Any, Any]], None]
 
 
 _trailers: ContextVar[list[tuple[str, str | bytes]] | None] = ContextVar(
@@ -32,7 +32,7 @@ _trailers: ContextVar[list[tuple[str, str | bytes]] | None] = ContextVar(
 )
 
 
-def add_trailer(context: aio.ServicerContext, key: str, value: str | bytes) -> None:
+def add_trailer(context: aio.ServicerContext[Any, Any], key: str, value: str | bytes) -> None:
     """Adds trailing metadata to the call without dropping what other links added."""
     found = _trailers.get()
     if found is None:
@@ -42,7 +42,7 @@ def add_trailer(context: aio.ServicerContext, key: str, value: str | bytes) -> N
     context.set_trailing_metadata(tuple(found))
 
 
-def add_trailers(context: aio.ServicerContext, *pairs: tuple[str, str | bytes]) -> None:
+def add_trailers(context: aio.ServicerContext[Any, Any], *pairs: tuple[str, str | bytes]) -> None:
     """Adds several trailing metadata entries at once (one update of the call's trailers)."""
     found = _trailers.get()
     if found is None:
@@ -59,7 +59,7 @@ def add_trailers(context: aio.ServicerContext, *pairs: tuple[str, str | bytes]) 
 _metadata: ContextVar[tuple[Any, Any] | None] = ContextVar("learnmesh_call_metadata", default=None)
 
 
-def call_metadata(context: aio.ServicerContext) -> Any:
+def call_metadata(context: aio.ServicerContext[Any, Any]) -> Any:
     """The call's invocation metadata, read once per call (asking the context builds a fresh
     tuple every time, which several links would otherwise each pay for)."""
     found = _metadata.get()
@@ -86,13 +86,13 @@ class ServerLink:
         return behavior
 
 
-def kind_of(handler: grpc.RpcMethodHandler) -> RpcKind:
+def kind_of(handler: grpc.RpcMethodHandler[Any, Any]) -> RpcKind:
     if handler.request_streaming:
         return "stream_stream" if handler.response_streaming else "stream_unary"
     return "unary_stream" if handler.response_streaming else "unary_unary"
 
 
-def behavior_of(handler: grpc.RpcMethodHandler) -> Behavior:
+def behavior_of(handler: grpc.RpcMethodHandler[Any, Any]) -> Behavior:
     return (
         handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
     )
@@ -125,14 +125,16 @@ def guard(method: MethodInfo, behavior: Behavior, check: Check | SyncCheck) -> B
         return _guard_sync(method, behavior, check)  # type: ignore[arg-type]
     if method.kind == "unary_unary":
 
-        async def unary_unary(request: Any, context: aio.ServicerContext) -> Any:
+        async def unary_unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
             await check(request, context)
             return await behavior(request, context)
 
         return unary_unary
     if method.kind == "unary_stream":
 
-        async def unary_stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+        async def unary_stream(
+            request: Any, context: aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
             await check(request, context)
             async for message in stream_of(behavior(request, context)):
                 yield message
@@ -140,13 +142,15 @@ def guard(method: MethodInfo, behavior: Behavior, check: Check | SyncCheck) -> B
         return unary_stream
     if method.kind == "stream_unary":
 
-        async def stream_unary(requests: Any, context: aio.ServicerContext) -> Any:
+        async def stream_unary(requests: Any, context: aio.ServicerContext[Any, Any]) -> Any:
             await check(None, context)
             return await behavior(requests, context)
 
         return stream_unary
 
-    async def stream_stream(requests: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+    async def stream_stream(
+        requests: Any, context: aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
         await check(None, context)
         async for message in stream_of(behavior(requests, context)):
             yield message
@@ -157,14 +161,16 @@ def guard(method: MethodInfo, behavior: Behavior, check: Check | SyncCheck) -> B
 def _guard_sync(method: MethodInfo, behavior: Behavior, check: SyncCheck) -> Behavior:
     if method.kind == "unary_unary":
 
-        async def unary_unary(request: Any, context: aio.ServicerContext) -> Any:
+        async def unary_unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
             check(request, context)
             return await behavior(request, context)
 
         return unary_unary
     if method.kind == "unary_stream":
 
-        async def unary_stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+        async def unary_stream(
+            request: Any, context: aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
             check(request, context)
             async for message in stream_of(behavior(request, context)):
                 yield message
@@ -172,13 +178,15 @@ def _guard_sync(method: MethodInfo, behavior: Behavior, check: SyncCheck) -> Beh
         return unary_stream
     if method.kind == "stream_unary":
 
-        async def stream_unary(requests: Any, context: aio.ServicerContext) -> Any:
+        async def stream_unary(requests: Any, context: aio.ServicerContext[Any, Any]) -> Any:
             check(None, context)
             return await behavior(requests, context)
 
         return stream_unary
 
-    async def stream_stream(requests: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+    async def stream_stream(
+        requests: Any, context: aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
         check(None, context)
         async for message in stream_of(behavior(requests, context)):
             yield message
@@ -189,13 +197,13 @@ def _guard_sync(method: MethodInfo, behavior: Behavior, check: SyncCheck) -> Beh
 def around(
     method: MethodInfo,
     behavior: Behavior,
-    on_error: Callable[[BaseException, aio.ServicerContext], Awaitable[None]],
+    on_error: Callable[[BaseException, aio.ServicerContext[Any, Any]], Awaitable[None]],
 ) -> Behavior:
     """Runs the behaviour of any kind, handing exceptions to ``on_error`` (which re-raises
     or aborts)."""
     if method.kind in ("unary_unary", "stream_unary"):
 
-        async def unary_response(request: Any, context: aio.ServicerContext) -> Any:
+        async def unary_response(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
             try:
                 return await behavior(request, context)
             except BaseException as exc:
@@ -204,7 +212,9 @@ def around(
 
         return unary_response
 
-    async def streaming_response(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+    async def streaming_response(
+        request: Any, context: aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
         try:
             async for message in stream_of(behavior(request, context)):
                 yield message
@@ -219,21 +229,23 @@ def each_request(method: MethodInfo, behavior: Behavior, check: Callable[[Any], 
     """Applies the synchronous ``check`` to every request message, streamed or not."""
     if method.kind == "unary_unary":
 
-        async def unary_unary(request: Any, context: aio.ServicerContext) -> Any:
+        async def unary_unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
             check(request)
             return await behavior(request, context)
 
         return unary_unary
     if method.kind == "unary_stream":
 
-        async def unary_stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+        async def unary_stream(
+            request: Any, context: aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
             check(request)
             async for message in stream_of(behavior(request, context)):
                 yield message
 
         return unary_stream
 
-    async def checked(requests: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+    async def checked(requests: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         # Handlers read through the iterator; a None iterator means they use context.read().
         source = requests if requests is not None else _read_all(context)
         async for request in source:
@@ -242,19 +254,21 @@ def each_request(method: MethodInfo, behavior: Behavior, check: Callable[[Any], 
 
     if method.kind == "stream_unary":
 
-        async def stream_unary(requests: Any, context: aio.ServicerContext) -> Any:
+        async def stream_unary(requests: Any, context: aio.ServicerContext[Any, Any]) -> Any:
             return await behavior(checked(requests, context), context)
 
         return stream_unary
 
-    async def stream_stream(requests: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+    async def stream_stream(
+        requests: Any, context: aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
         async for message in stream_of(behavior(checked(requests, context), context)):
             yield message
 
     return stream_stream
 
 
-async def _read_all(context: aio.ServicerContext) -> AsyncIterator[Any]:
+async def _read_all(context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
     while (message := await context.read()) is not aio.EOF:
         yield message
 
@@ -264,7 +278,9 @@ class ServerChain(aio.ServerInterceptor):
 
     def __init__(self, links: Sequence[ServerLink]) -> None:
         self.links = list(links)
-        self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._cache: dict[
+            str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]
+        ] = {}
 
     def applied_to(self, server: aio.Server) -> ChainedServer:
         """``server`` as services should see it: what they register is wrapped first."""
@@ -272,16 +288,20 @@ class ServerChain(aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
         _keep_metadata(handler_call_details)
         return self.wrapped(handler_call_details.method, handler)
 
-    def wrapped(self, name: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def wrapped(
+        self, name: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         """``handler`` of method ``name`` wrapped by the links, made once per handler."""
         cached = self._cache.get(name)
         if cached is not None and cached[0] is handler:
@@ -290,7 +310,9 @@ class ServerChain(aio.ServerInterceptor):
         self._cache[name] = (handler, wrapped)
         return wrapped
 
-    def wrap_handler(self, name: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def wrap_handler(
+        self, name: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         kind = kind_of(handler)
         method = method_info(name, kind)
         behavior = behavior_of(handler)
@@ -337,7 +359,7 @@ class ChainedServer:
         self.server.add_generic_rpc_handlers([_ChainedHandlers(h, self.chain) for h in handlers])
 
     def add_registered_method_handlers(
-        self, _service_name: str, _method_handlers: dict[str, grpc.RpcMethodHandler]
+        self, _service_name: str, _method_handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
     ) -> None:
         """Not passed on: the same methods arrive through add_generic_rpc_handlers."""
 

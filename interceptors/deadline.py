@@ -60,7 +60,7 @@ class Deadline(ServerLink):
         default, cap = self.methods.get(method.full_method, (self.default, self.cap))
         name = method.name
 
-        def budget(context: aio.ServicerContext) -> float:
+        def budget(context: aio.ServicerContext[Any, Any]) -> float:
             left = context.time_remaining()
             if left is None or left > _NO_DEADLINE:
                 return default
@@ -73,7 +73,7 @@ class Deadline(ServerLink):
 
         if method.kind in ("unary_unary", "stream_unary"):
 
-            async def unary_response(request: Any, context: aio.ServicerContext) -> Any:
+            async def unary_response(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
                 seconds = budget(context)
                 with _Timer(seconds) as timer:
                     try:
@@ -89,7 +89,7 @@ class Deadline(ServerLink):
             return unary_response
 
         async def streaming_response(
-            request: Any, context: aio.ServicerContext
+            request: Any, context: aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
             seconds = budget(context)
             with _Timer(seconds) as timer:

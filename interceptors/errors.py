@@ -70,7 +70,7 @@ def status_of(error: DomainError) -> status_pb2.Status:
     return status
 
 
-async def abort_with(context: aio.ServicerContext, status: status_pb2.Status) -> None:
+async def abort_with(context: aio.ServicerContext[Any, Any], status: status_pb2.Status) -> None:
     """Ends the call with ``status``, its details in ``grpc-status-details-bin``."""
     added = (*trailers(), (STATUS_DETAILS_KEY, status.SerializeToString()))
     await context.abort(grpc.StatusCode(_CODES[status.code]), status.message, added)
@@ -87,7 +87,9 @@ def internal_status() -> status_pb2.Status:
     return status_pb2.Status(code=code_pb2.INTERNAL, message=message)
 
 
-async def map_exception(exc: BaseException, context: aio.ServicerContext, method: str) -> None:
+async def map_exception(
+    exc: BaseException, context: aio.ServicerContext[Any, Any], method: str
+) -> None:
     """Aborts the call with the status ``exc`` stands for; returns only for control-flow
     exceptions (an abort already under way, cancellation), which the caller re-raises."""
     if isinstance(exc, aio.AbortError | asyncio.CancelledError | GeneratorExit):
@@ -107,7 +109,7 @@ async def map_exception(exc: BaseException, context: aio.ServicerContext, method
 
 class ErrorMapping(ServerLink):
     def wrap(self, method: MethodInfo, behavior: Behavior) -> Behavior:
-        async def on_error(exc: BaseException, context: aio.ServicerContext) -> None:
+        async def on_error(exc: BaseException, context: aio.ServicerContext[Any, Any]) -> None:
             await map_exception(exc, context, method.full_method)
 
         return around(method, behavior, on_error)

@@ -22,7 +22,7 @@ from learnmesh.kernel import principal
 from learnmesh.kernel.errors import PermissionDenied, Unauthenticated
 
 
-def spiffe_of(context: aio.ServicerContext) -> str:
+def spiffe_of(context: aio.ServicerContext[Any, Any]) -> str:
     """The caller's SPIFFE ID, or "" when the channel has none."""
     values = context.auth_context().get("peer_spiffe_id") or ()
     return values[0].decode() if len(values) == 1 else ""
@@ -48,7 +48,7 @@ class PeerIdentity(ServerLink):
         prefix = self.prefix
         name = method.name
 
-        def check(_request: Any, context: aio.ServicerContext) -> None:
+        def check(_request: Any, context: aio.ServicerContext[Any, Any]) -> None:
             identity = spiffe_of(context)
             if identity:
                 info = principal.call_info()

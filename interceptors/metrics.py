@@ -156,12 +156,12 @@ class Metrics(ServerLink):
         method_text = _text(method.full_method)
         now = time.perf_counter
 
-        def begin(_context: aio.ServicerContext) -> float:
+        def begin(_context: aio.ServicerContext[Any, Any]) -> float:
             return now()
 
         def end(
             started: float,
-            context: aio.ServicerContext,
+            context: aio.ServicerContext[Any, Any],
             code: grpc.StatusCode,
             _exc: BaseException | None,
         ) -> None:
@@ -178,7 +178,7 @@ class Metrics(ServerLink):
 
 def _access_line(
     log: logging.Logger,
-    context: aio.ServicerContext,
+    context: aio.ServicerContext[Any, Any],
     method: str,
     method_text: str,
     status: str,

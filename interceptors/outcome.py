@@ -31,17 +31,17 @@ DEADLINE_SLACK = 0.1
 
 # begin(context) -> state, or None for nothing to end; end(state, context, final code,
 # exception or None)
-Begin = Callable[[aio.ServicerContext], Any]
-End = Callable[[Any, aio.ServicerContext, grpc.StatusCode, BaseException | None], None]
+Begin = Callable[[aio.ServicerContext[Any, Any]], Any]
+End = Callable[[Any, aio.ServicerContext[Any, Any], grpc.StatusCode, BaseException | None], None]
 
 
-def code_of_success(context: aio.ServicerContext) -> grpc.StatusCode:
+def code_of_success(context: aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
     """OK, or the code a handler set with ``context.set_code`` before returning."""
     code: grpc.StatusCode | None = context.code()
     return code or OK
 
 
-def code_of_error(exc: BaseException, context: aio.ServicerContext) -> grpc.StatusCode:
+def code_of_error(exc: BaseException, context: aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
     """The status a caller receives when ``exc`` leaves the handler."""
     if isinstance(exc, aio.AbortError):
         code: grpc.StatusCode | None = context.code()
@@ -63,7 +63,7 @@ def observe(method: MethodInfo, behavior: Behavior, begin: Begin, end: End) -> B
     (unless ``begin`` returned None)."""
     if method.kind in ("unary_unary", "stream_unary"):
 
-        async def unary_response(request: Any, context: aio.ServicerContext) -> Any:
+        async def unary_response(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
             state = begin(context)
             if state is None:
                 return await behavior(request, context)
@@ -77,7 +77,9 @@ def observe(method: MethodInfo, behavior: Behavior, begin: Begin, end: End) -> B
 
         return unary_response
 
-    async def streaming_response(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+    async def streaming_response(
+        request: Any, context: aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
         state = begin(context)
         if state is None:
             async for message in stream_of(behavior(request, context)):

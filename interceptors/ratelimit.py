@@ -248,7 +248,7 @@ class RateLimit(ServerLink):
         if rate_class in self._address_rules:
             rule = self._address_rules[rate_class]
 
-            def by_address(_context: aio.ServicerContext) -> tuple[Rule, str, str]:
+            def by_address(_context: aio.ServicerContext[Any, Any]) -> tuple[Rule, str, str]:
                 return rule, "addr:" + principal.call_info().client_address, ""
 
             counted = by_address
@@ -258,7 +258,7 @@ class RateLimit(ServerLink):
             )
             anonymous = rules[DEFAULT_TIER]
 
-            def by_caller(_context: aio.ServicerContext) -> tuple[Rule, str, str]:
+            def by_caller(_context: aio.ServicerContext[Any, Any]) -> tuple[Rule, str, str]:
                 caller = principal.current_or_none()
                 if caller is None:
                     who = "addr:" + principal.call_info().client_address
@@ -271,21 +271,25 @@ class RateLimit(ServerLink):
         hit_now: Callable[[Rule, str], Decision] | None = getattr(self.backend, "hit_now", None)
         if hit_now is not None:
 
-            def check_now(_request: Any, context: aio.ServicerContext) -> None:
+            def check_now(_request: Any, context: aio.ServicerContext[Any, Any]) -> None:
                 rule, who, whose = counted(context)
                 decide(context, rule, hit_now(rule, who), whose)
 
             return guard(method, behavior, check_now)
         hit = self.backend.hit
 
-        async def check(_request: Any, context: aio.ServicerContext) -> None:
+        async def check(_request: Any, context: aio.ServicerContext[Any, Any]) -> None:
             rule, who, whose = counted(context)
             decide(context, rule, await hit(rule, who), whose)
 
         return guard(method, behavior, check)
 
     def _decide(
-        self, context: aio.ServicerContext, rule: Rule, decision: Decision | None, whose: str
+        self,
+        context: aio.ServicerContext[Any, Any],
+        rule: Rule,
+        decision: Decision | None,
+        whose: str,
     ) -> None:
         """Reports the tightest window in trailing metadata; raises if the call is refused."""
         if decision is None:  # the backend could not tell: fail open, report nothing

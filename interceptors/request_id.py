@@ -31,7 +31,7 @@ def peer_address(peer: str | None) -> str:
     return rest.rsplit(":", 1)[0] if ":" in rest else rest
 
 
-def call_info_of(context: aio.ServicerContext) -> CallInfo:
+def call_info_of(context: aio.ServicerContext[Any, Any]) -> CallInfo:
     request_id = user_agent = ""
     for key, value in call_metadata(context):
         if key == HEADER and isinstance(value, str) and _ACCEPTABLE.fullmatch(value):
@@ -44,7 +44,7 @@ def call_info_of(context: aio.ServicerContext) -> CallInfo:
 
 class RequestId(ServerLink):
     def wrap(self, method: MethodInfo, behavior: Behavior) -> Behavior:
-        def check(_request: Any, context: aio.ServicerContext) -> None:
+        def check(_request: Any, context: aio.ServicerContext[Any, Any]) -> None:
             info = call_info_of(context)
             set_call_info(info)
             add_trailer(context, HEADER, info.request_id)

@@ -115,7 +115,7 @@ def peer_of(peer: str | None) -> tuple[str, int | None]:
     return address, int(port) if port and port.isdigit() else None
 
 
-def _call_attributes(context: aio.ServicerContext) -> dict[str, str]:
+def _call_attributes(context: aio.ServicerContext[Any, Any]) -> dict[str, str]:
     """What a recorded server span learns from the call: the caller's address and the
     request id (set by the request-id link, outside this one)."""
     found: dict[str, str] = {}
@@ -152,7 +152,7 @@ class Tracing(ServerLink):
         attributes = _rpc_attributes(method.service, method.name)
         server = SpanKind.SERVER
 
-        def begin(context: aio.ServicerContext) -> trace.Span | None:
+        def begin(context: aio.ServicerContext[Any, Any]) -> trace.Span | None:
             """The call's span, made current; None when it was dropped (nothing to end)."""
             traceparent = tracestate = None
             for key, value in call_metadata(context):
@@ -178,7 +178,7 @@ class Tracing(ServerLink):
 
         def end(
             span: trace.Span,
-            context: aio.ServicerContext,
+            context: aio.ServicerContext[Any, Any],
             code: grpc.StatusCode,
             exc: BaseException | None,
         ) -> None:
@@ -196,7 +196,7 @@ class Tracing(ServerLink):
 
 
 def _description(
-    code: grpc.StatusCode, context: aio.ServicerContext, exc: BaseException | None
+    code: grpc.StatusCode, context: aio.ServicerContext[Any, Any], exc: BaseException | None
 ) -> str:
     """The status message the caller saw (already safe: error mapping wrote it), else the
     code; never an unmapped exception's text, which may hold SQL or secrets."""

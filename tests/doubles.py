@@ -43,7 +43,7 @@ class CourseDouble(course_pb2_grpc.CourseServiceServicer):
     def __init__(self) -> None:
         self.script = Script()
 
-    async def _run(self, context: aio.ServicerContext) -> None:
+    async def _run(self, context: aio.ServicerContext[Any, Any]) -> None:
         s = self.script
         s.calls += 1
         s.deadlines.append(context.time_remaining())
@@ -61,23 +61,23 @@ class CourseDouble(course_pb2_grpc.CourseServiceServicer):
                 s.cancelled += 1
                 raise
 
-    async def GetCourse(self, request: Any, context: aio.ServicerContext) -> Any:
+    async def GetCourse(self, request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         await self._run(context)
         return course_pb2.GetCourseResponse(
             course=course_pb2.Course(id=request.course_id, title="Intro")
         )
 
-    async def CreateCourse(self, request: Any, context: aio.ServicerContext) -> Any:
+    async def CreateCourse(self, request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         await self._run(context)
         return course_pb2.CreateCourseResponse(
             course=course_pb2.Course(id=COURSE_ID, title=request.title)
         )
 
-    async def Enroll(self, request: Any, context: aio.ServicerContext) -> Any:
+    async def Enroll(self, request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         await self._run(context)
         return course_pb2.EnrollResponse(enrollment_id=COURSE_ID)
 
-    async def ListCourses(self, request: Any, context: aio.ServicerContext) -> Any:
+    async def ListCourses(self, request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         """Not scripted: reports what the double recorded (for doubles in another process)."""
         s = self.script
         stats = {"calls": s.calls, "cancelled": s.cancelled, "deadlines": s.deadlines}
@@ -89,13 +89,15 @@ class CourseDouble(course_pb2_grpc.CourseServiceServicer):
 class FileDouble(file_pb2_grpc.FileServiceServicer):
     """Streaming in both directions, to prove every link handles streams."""
 
-    async def Upload(self, request_iterator: Any, context: aio.ServicerContext) -> Any:
+    async def Upload(self, request_iterator: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         size = 0
         async for message in request_iterator:
             size += len(message.chunk)
         return file_pb2.UploadResponse(file=file_pb2.FileInfo(id=COURSE_ID, size=size))
 
-    async def Download(self, request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+    async def Download(
+        self, request: Any, context: aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
         for index in range(3):
             yield file_pb2.DownloadResponse(chunk=bytes([index]) * 4)
 

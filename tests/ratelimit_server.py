@@ -38,7 +38,7 @@ class MetadataPrincipal(ServerLink):
     limits can be exercised per user and tier without minting tokens."""
 
     def wrap(self, method: MethodInfo, behavior: Behavior) -> Behavior:
-        async def check(_request: Any, context: aio.ServicerContext) -> None:
+        async def check(_request: Any, context: aio.ServicerContext[Any, Any]) -> None:
             found = dict(context.invocation_metadata() or ())
             user = found.get(USER_HEADER)
             principal.set_principal(

@@ -25,7 +25,7 @@ class Failing(CourseDouble):
         super().__init__()
         self.error = error
 
-    async def GetCourse(self, request: Any, context: aio.ServicerContext) -> Any:
+    async def GetCourse(self, request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         raise self.error
 
 

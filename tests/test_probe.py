@@ -156,7 +156,7 @@ class Servers:
 
 
 class SlowHealth(health.aio.HealthServicer):
-    async def Check(self, request: Any, context: aio.ServicerContext) -> Any:
+    async def Check(self, request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         await asyncio.sleep(30)
         return await super().Check(request, context)
 

@@ -74,26 +74,28 @@ class FakeClock:
 
 
 class CourseWithDelete(CourseDouble):
-    async def DeleteCourse(self, request: Any, context: aio.ServicerContext) -> Any:
+    async def DeleteCourse(self, request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         return course_pb2.DeleteCourseResponse()
 
 
 class AuthDouble(auth_pb2_grpc.AuthServiceServicer):
     """Methods of every auth rate class: login, register, password reset, exempt, internal."""
 
-    async def Login(self, request: Any, context: aio.ServicerContext) -> Any:
+    async def Login(self, request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         return auth_pb2.LoginResponse()
 
-    async def Register(self, request: Any, context: aio.ServicerContext) -> Any:
+    async def Register(self, request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         return auth_pb2.RegisterResponse()
 
-    async def RequestPasswordReset(self, request: Any, context: aio.ServicerContext) -> Any:
+    async def RequestPasswordReset(
+        self, request: Any, context: aio.ServicerContext[Any, Any]
+    ) -> Any:
         return auth_pb2.RequestPasswordResetResponse()
 
-    async def GetJwks(self, request: Any, context: aio.ServicerContext) -> Any:
+    async def GetJwks(self, request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         return auth_pb2.GetJwksResponse()
 
-    async def IntrospectToken(self, request: Any, context: aio.ServicerContext) -> Any:
+    async def IntrospectToken(self, request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         return auth_pb2.IntrospectTokenResponse()
 
 

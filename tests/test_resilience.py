@@ -47,7 +47,7 @@ class RelayA(course_pb2_grpc.CourseServiceServicer):
     def __init__(self, clients: ClientFactory) -> None:
         self.clients = clients
 
-    async def GetCourse(self, request: Any, context: aio.ServicerContext) -> Any:
+    async def GetCourse(self, request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         return await self.clients.stub("course").GetCourse(request)
 
 
@@ -133,7 +133,7 @@ async def test_default_deadline_and_cap_apply_per_method() -> None:
 class Blocking(course_pb2_grpc.CourseServiceServicer):
     """A handler that holds the event loop past its deadline (no loop timer can fire)."""
 
-    async def GetCourse(self, request: Any, context: aio.ServicerContext) -> Any:
+    async def GetCourse(self, request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         time.sleep(0.15)  # noqa: ASYNC251 - the point: the loop is held past the deadline
         return course_pb2.GetCourseResponse(course=course_pb2.Course(id=request.course_id))
 

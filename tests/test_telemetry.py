@@ -169,7 +169,7 @@ def hex_of(trace_id: int) -> str:
 class Unmapped(CourseDouble):
     """A handler bug: an exception nobody maps, with text that must not leave the process."""
 
-    async def GetCourse(self, request: Any, context: aio.ServicerContext) -> Any:
+    async def GetCourse(self, request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         raise RuntimeError("SELECT password_hash FROM auth_users")
 
 
@@ -180,7 +180,7 @@ class RawMetadata(CourseDouble):
         super().__init__()
         self.received: list[tuple[tuple[str, Any], ...]] = []
 
-    async def GetCourse(self, request: Any, context: aio.ServicerContext) -> Any:
+    async def GetCourse(self, request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         self.received.append(tuple(context.invocation_metadata() or ()))
         return await super().GetCourse(request, context)
 
@@ -192,7 +192,7 @@ class Relay(CourseDouble):
         super().__init__()
         self.b = course_pb2_grpc.CourseServiceStub(b_channel)
 
-    async def GetCourse(self, request: Any, context: aio.ServicerContext) -> Any:
+    async def GetCourse(self, request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         logging.getLogger("tests.relay").info("asking B", extra={"course_id": request.course_id})
         # A stale traceparent of the caller's own must be replaced, not sent twice.
         stale = (("traceparent", f"00-{'1' * 32}-{'2' * 16}-01"),)
@@ -205,7 +205,9 @@ class SlowFiles(FileDouble):
     def __init__(self, fail: grpc.StatusCode | None = None) -> None:
         self.fail = fail
 
-    async def Download(self, request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+    async def Download(
+        self, request: Any, context: aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
         yield file_pb2.DownloadResponse(chunk=b"first")
         if self.fail is not None:
             await context.abort(self.fail, "the stored bytes are damaged")
@@ -613,7 +615,7 @@ class Stamping(SpanProcessor):
 class Annotating(CourseDouble):
     """A handler that adds to its call's span everything the API offers."""
 
-    async def GetCourse(self, request: Any, context: aio.ServicerContext) -> Any:
+    async def GetCourse(self, request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         span = trace.get_current_span()
         span.set_attribute("course.level", "beginner")
         span.set_attributes({f"course.n{i}": i for i in range(40)})  # past the count limit

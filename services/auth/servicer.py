@@ -7,6 +7,7 @@ options), so nothing here checks the caller or the shape of a request.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from google.protobuf import timestamp_pb2
 from grpc import aio
@@ -30,7 +31,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         self.rules = rules
 
     async def Register(
-        self, request: auth_pb2.RegisterRequest, context: aio.ServicerContext
+        self, request: auth_pb2.RegisterRequest, context: aio.ServicerContext[Any, Any]
     ) -> auth_pb2.RegisterResponse:
         signed_in = await self.rules.register(request.email, request.password, request.display_name)
         return auth_pb2.RegisterResponse(
@@ -42,7 +43,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         )
 
     async def Login(
-        self, request: auth_pb2.LoginRequest, context: aio.ServicerContext
+        self, request: auth_pb2.LoginRequest, context: aio.ServicerContext[Any, Any]
     ) -> auth_pb2.LoginResponse:
         signed_in = await self.rules.login(request.email, request.password, request.mfa_code)
         return auth_pb2.LoginResponse(
@@ -54,7 +55,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         )
 
     async def Refresh(
-        self, request: auth_pb2.RefreshRequest, context: aio.ServicerContext
+        self, request: auth_pb2.RefreshRequest, context: aio.ServicerContext[Any, Any]
     ) -> auth_pb2.RefreshResponse:
         signed_in = await self.rules.refresh(request.refresh_token)
         return auth_pb2.RefreshResponse(
@@ -65,13 +66,13 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         )
 
     async def Logout(
-        self, request: auth_pb2.LogoutRequest, context: aio.ServicerContext
+        self, request: auth_pb2.LogoutRequest, context: aio.ServicerContext[Any, Any]
     ) -> auth_pb2.LogoutResponse:
         revoked = await self.rules.logout(request.refresh_token, request.all_sessions)
         return auth_pb2.LogoutResponse(revoked_sessions=revoked)
 
     async def ListSessions(
-        self, request: auth_pb2.ListSessionsRequest, context: aio.ServicerContext
+        self, request: auth_pb2.ListSessionsRequest, context: aio.ServicerContext[Any, Any]
     ) -> auth_pb2.ListSessionsResponse:
         sessions = await self.rules.list_sessions()
         return auth_pb2.ListSessionsResponse(
@@ -90,13 +91,13 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         )
 
     async def RevokeSession(
-        self, request: auth_pb2.RevokeSessionRequest, context: aio.ServicerContext
+        self, request: auth_pb2.RevokeSessionRequest, context: aio.ServicerContext[Any, Any]
     ) -> auth_pb2.RevokeSessionResponse:
         await self.rules.revoke_session(request.session_id)
         return auth_pb2.RevokeSessionResponse()
 
     async def EnrollMfa(
-        self, request: auth_pb2.EnrollMfaRequest, context: aio.ServicerContext
+        self, request: auth_pb2.EnrollMfaRequest, context: aio.ServicerContext[Any, Any]
     ) -> auth_pb2.EnrollMfaResponse:
         enrolment = await self.rules.enroll_mfa()
         return auth_pb2.EnrollMfaResponse(
@@ -104,38 +105,38 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         )
 
     async def ConfirmMfa(
-        self, request: auth_pb2.ConfirmMfaRequest, context: aio.ServicerContext
+        self, request: auth_pb2.ConfirmMfaRequest, context: aio.ServicerContext[Any, Any]
     ) -> auth_pb2.ConfirmMfaResponse:
         await self.rules.confirm_mfa(request.code)
         return auth_pb2.ConfirmMfaResponse()
 
     async def DisableMfa(
-        self, request: auth_pb2.DisableMfaRequest, context: aio.ServicerContext
+        self, request: auth_pb2.DisableMfaRequest, context: aio.ServicerContext[Any, Any]
     ) -> auth_pb2.DisableMfaResponse:
         await self.rules.disable_mfa(request.code)
         return auth_pb2.DisableMfaResponse()
 
     async def RequestPasswordReset(
-        self, request: auth_pb2.RequestPasswordResetRequest, context: aio.ServicerContext
+        self, request: auth_pb2.RequestPasswordResetRequest, context: aio.ServicerContext[Any, Any]
     ) -> auth_pb2.RequestPasswordResetResponse:
         await self.rules.request_password_reset(request.email)
         return auth_pb2.RequestPasswordResetResponse()
 
     async def ResetPassword(
-        self, request: auth_pb2.ResetPasswordRequest, context: aio.ServicerContext
+        self, request: auth_pb2.ResetPasswordRequest, context: aio.ServicerContext[Any, Any]
     ) -> auth_pb2.ResetPasswordResponse:
         await self.rules.reset_password(request.token, request.new_password)
         return auth_pb2.ResetPasswordResponse()
 
     async def GetJwks(
-        self, request: auth_pb2.GetJwksRequest, context: aio.ServicerContext
+        self, request: auth_pb2.GetJwksRequest, context: aio.ServicerContext[Any, Any]
     ) -> auth_pb2.GetJwksResponse:
         return auth_pb2.GetJwksResponse(
             keys=[auth_pb2.Jwk(**jwk) for jwk in await self.rules.jwks()]
         )
 
     async def IntrospectToken(
-        self, request: auth_pb2.IntrospectTokenRequest, context: aio.ServicerContext
+        self, request: auth_pb2.IntrospectTokenRequest, context: aio.ServicerContext[Any, Any]
     ) -> auth_pb2.IntrospectTokenResponse:
         found = await self.rules.introspect(request.token)
         if not found.active:

@@ -93,13 +93,13 @@ class UserServicer(user_pb2_grpc.UserServiceServicer):
         self.clients = clients
 
     async def GetMe(
-        self, request: user_pb2.GetMeRequest, context: aio.ServicerContext
+        self, request: user_pb2.GetMeRequest, context: aio.ServicerContext[Any, Any]
     ) -> user_pb2.GetMeResponse:
         profile = await self.profiles.get(principal.current().user_id)
         return user_pb2.GetMeResponse(user=user_proto(profile))
 
     async def UpdateMe(
-        self, request: user_pb2.UpdateMeRequest, context: aio.ServicerContext
+        self, request: user_pb2.UpdateMeRequest, context: aio.ServicerContext[Any, Any]
     ) -> user_pb2.UpdateMeResponse:
         changes = ProfileChanges(
             display_name=request.profile.display_name,
@@ -112,13 +112,13 @@ class UserServicer(user_pb2_grpc.UserServiceServicer):
         return user_pb2.UpdateMeResponse(user=user_proto(profile))
 
     async def GetUser(
-        self, request: user_pb2.GetUserRequest, context: aio.ServicerContext
+        self, request: user_pb2.GetUserRequest, context: aio.ServicerContext[Any, Any]
     ) -> user_pb2.GetUserResponse:
         profile = await self.profiles.get(request.user_id)
         return user_pb2.GetUserResponse(user=user_proto(profile))
 
     async def ListUsers(
-        self, request: user_pb2.ListUsersRequest, context: aio.ServicerContext
+        self, request: user_pb2.ListUsersRequest, context: aio.ServicerContext[Any, Any]
     ) -> user_pb2.ListUsersResponse:
         page = await self.profiles.page(
             page_size=request.page_size if request.HasField("page_size") else None,
@@ -131,7 +131,7 @@ class UserServicer(user_pb2_grpc.UserServiceServicer):
         )
 
     async def SetRole(
-        self, request: user_pb2.SetRoleRequest, context: aio.ServicerContext
+        self, request: user_pb2.SetRoleRequest, context: aio.ServicerContext[Any, Any]
     ) -> user_pb2.SetRoleResponse:
         profile = await self.profiles.set_role(
             request.user_id,
@@ -141,13 +141,13 @@ class UserServicer(user_pb2_grpc.UserServiceServicer):
         return user_pb2.SetRoleResponse(user=user_proto(profile))
 
     async def DeleteUser(
-        self, request: user_pb2.DeleteUserRequest, context: aio.ServicerContext
+        self, request: user_pb2.DeleteUserRequest, context: aio.ServicerContext[Any, Any]
     ) -> user_pb2.DeleteUserResponse:
         await self.profiles.delete(request.user_id, actor=principal.current().user_id)
         return user_pb2.DeleteUserResponse()
 
     async def SetAvatar(
-        self, request: user_pb2.SetAvatarRequest, context: aio.ServicerContext
+        self, request: user_pb2.SetAvatarRequest, context: aio.ServicerContext[Any, Any]
     ) -> user_pb2.SetAvatarResponse:
         lookup = files.lookup_for(self.clients, context.invocation_metadata())
         profile = await self.profiles.set_avatar(
@@ -156,13 +156,13 @@ class UserServicer(user_pb2_grpc.UserServiceServicer):
         return user_pb2.SetAvatarResponse(user=user_proto(profile))
 
     async def CreateUser(
-        self, request: user_pb2.CreateUserRequest, context: aio.ServicerContext
+        self, request: user_pb2.CreateUserRequest, context: aio.ServicerContext[Any, Any]
     ) -> user_pb2.CreateUserResponse:
         profile = await self.profiles.create(request.user_id, request.email, request.display_name)
         return user_pb2.CreateUserResponse(user=user_proto(profile))
 
     async def BatchGetUsers(
-        self, request: user_pb2.BatchGetUsersRequest, context: aio.ServicerContext
+        self, request: user_pb2.BatchGetUsersRequest, context: aio.ServicerContext[Any, Any]
     ) -> user_pb2.BatchGetUsersResponse:
         profiles = await self.profiles.batch_get(request.user_ids)
         return user_pb2.BatchGetUsersResponse(users=[user_proto(p) for p in profiles])

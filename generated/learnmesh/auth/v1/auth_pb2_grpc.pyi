@@ -7,7 +7,6 @@ isort:skip_file
 from collections import abc as _abc
 from grpc import aio as _aio
 from learnmesh.auth.v1 import auth_pb2 as _auth_pb2
-import abc as _abc_1
 
 
 GRPC_GENERATED_VERSION: str
@@ -44,10 +43,9 @@ class AuthServiceStub:
     IntrospectToken: _aio.UnaryUnaryMultiCallable[_auth_pb2.IntrospectTokenRequest, _auth_pb2.IntrospectTokenResponse]
     """Whether an access token is valid now (signature, expiry and session), and for whom."""
 
-class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
+class AuthServiceServicer:
     """Credentials, tokens, sessions and MFA."""
 
-    @_abc_1.abstractmethod
     def Register(
         self,
         request: _auth_pb2.RegisterRequest,
@@ -55,7 +53,6 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _abc.Awaitable[_auth_pb2.RegisterResponse]:
         """Creates an account and its profile, and signs it in."""
 
-    @_abc_1.abstractmethod
     def Login(
         self,
         request: _auth_pb2.LoginRequest,
@@ -63,7 +60,6 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _abc.Awaitable[_auth_pb2.LoginResponse]:
         """Exchanges email, password and (when MFA is on) a TOTP code for a token pair."""
 
-    @_abc_1.abstractmethod
     def Refresh(
         self,
         request: _auth_pb2.RefreshRequest,
@@ -71,7 +67,6 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _abc.Awaitable[_auth_pb2.RefreshResponse]:
         """Spends a refresh token for a new pair. A spent token presented again revokes its session."""
 
-    @_abc_1.abstractmethod
     def Logout(
         self,
         request: _auth_pb2.LogoutRequest,
@@ -79,7 +74,6 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _abc.Awaitable[_auth_pb2.LogoutResponse]:
         """Ends the session of the given refresh token (or the caller's current one), or all of them."""
 
-    @_abc_1.abstractmethod
     def ListSessions(
         self,
         request: _auth_pb2.ListSessionsRequest,
@@ -87,7 +81,6 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _abc.Awaitable[_auth_pb2.ListSessionsResponse]:
         """The caller's active sessions."""
 
-    @_abc_1.abstractmethod
     def RevokeSession(
         self,
         request: _auth_pb2.RevokeSessionRequest,
@@ -95,7 +88,6 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _abc.Awaitable[_auth_pb2.RevokeSessionResponse]:
         """Ends one of the caller's sessions."""
 
-    @_abc_1.abstractmethod
     def EnrollMfa(
         self,
         request: _auth_pb2.EnrollMfaRequest,
@@ -103,7 +95,6 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _abc.Awaitable[_auth_pb2.EnrollMfaResponse]:
         """Starts TOTP enrolment: a new secret, not active until ConfirmMfa."""
 
-    @_abc_1.abstractmethod
     def ConfirmMfa(
         self,
         request: _auth_pb2.ConfirmMfaRequest,
@@ -111,7 +102,6 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _abc.Awaitable[_auth_pb2.ConfirmMfaResponse]:
         """Turns MFA on with a code from the enrolled secret."""
 
-    @_abc_1.abstractmethod
     def DisableMfa(
         self,
         request: _auth_pb2.DisableMfaRequest,
@@ -119,7 +109,6 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _abc.Awaitable[_auth_pb2.DisableMfaResponse]:
         """Turns MFA off; needs a current code."""
 
-    @_abc_1.abstractmethod
     def RequestPasswordReset(
         self,
         request: _auth_pb2.RequestPasswordResetRequest,
@@ -127,7 +116,6 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _abc.Awaitable[_auth_pb2.RequestPasswordResetResponse]:
         """Mails a reset link when the account exists; answers the same either way."""
 
-    @_abc_1.abstractmethod
     def ResetPassword(
         self,
         request: _auth_pb2.ResetPasswordRequest,
@@ -135,7 +123,6 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _abc.Awaitable[_auth_pb2.ResetPasswordResponse]:
         """Sets a new password with a reset token; ends every session of the account."""
 
-    @_abc_1.abstractmethod
     def GetJwks(
         self,
         request: _auth_pb2.GetJwksRequest,
@@ -143,7 +130,6 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _abc.Awaitable[_auth_pb2.GetJwksResponse]:
         """The public keys that verify access tokens (a JWK Set)."""
 
-    @_abc_1.abstractmethod
     def IntrospectToken(
         self,
         request: _auth_pb2.IntrospectTokenRequest,

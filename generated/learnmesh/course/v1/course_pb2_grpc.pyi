@@ -7,7 +7,6 @@ isort:skip_file
 from collections import abc as _abc
 from grpc import aio as _aio
 from learnmesh.course.v1 import course_pb2 as _course_pb2
-import abc as _abc_1
 
 
 GRPC_GENERATED_VERSION: str
@@ -28,73 +27,63 @@ class CourseServiceStub:
     CompleteLesson: _aio.UnaryUnaryMultiCallable[_course_pb2.CompleteLessonRequest, _course_pb2.CompleteLessonResponse]
     GetProgress: _aio.UnaryUnaryMultiCallable[_course_pb2.GetProgressRequest, _course_pb2.GetProgressResponse]
 
-class CourseServiceServicer(metaclass=_abc_1.ABCMeta):
+class CourseServiceServicer:
     """Courses, lessons, enrolments and progress."""
 
-    @_abc_1.abstractmethod
     def ListCourses(
         self,
         request: _course_pb2.ListCoursesRequest,
         context: _aio.ServicerContext[_course_pb2.ListCoursesRequest, _abc.Awaitable[_course_pb2.ListCoursesResponse]],
     ) -> _abc.Awaitable[_course_pb2.ListCoursesResponse]: ...
 
-    @_abc_1.abstractmethod
     def GetCourse(
         self,
         request: _course_pb2.GetCourseRequest,
         context: _aio.ServicerContext[_course_pb2.GetCourseRequest, _abc.Awaitable[_course_pb2.GetCourseResponse]],
     ) -> _abc.Awaitable[_course_pb2.GetCourseResponse]: ...
 
-    @_abc_1.abstractmethod
     def CreateCourse(
         self,
         request: _course_pb2.CreateCourseRequest,
         context: _aio.ServicerContext[_course_pb2.CreateCourseRequest, _abc.Awaitable[_course_pb2.CreateCourseResponse]],
     ) -> _abc.Awaitable[_course_pb2.CreateCourseResponse]: ...
 
-    @_abc_1.abstractmethod
     def UpdateCourse(
         self,
         request: _course_pb2.UpdateCourseRequest,
         context: _aio.ServicerContext[_course_pb2.UpdateCourseRequest, _abc.Awaitable[_course_pb2.UpdateCourseResponse]],
     ) -> _abc.Awaitable[_course_pb2.UpdateCourseResponse]: ...
 
-    @_abc_1.abstractmethod
     def DeleteCourse(
         self,
         request: _course_pb2.DeleteCourseRequest,
         context: _aio.ServicerContext[_course_pb2.DeleteCourseRequest, _abc.Awaitable[_course_pb2.DeleteCourseResponse]],
     ) -> _abc.Awaitable[_course_pb2.DeleteCourseResponse]: ...
 
-    @_abc_1.abstractmethod
     def ListLessons(
         self,
         request: _course_pb2.ListLessonsRequest,
         context: _aio.ServicerContext[_course_pb2.ListLessonsRequest, _abc.Awaitable[_course_pb2.ListLessonsResponse]],
     ) -> _abc.Awaitable[_course_pb2.ListLessonsResponse]: ...
 
-    @_abc_1.abstractmethod
     def CreateLesson(
         self,
         request: _course_pb2.CreateLessonRequest,
         context: _aio.ServicerContext[_course_pb2.CreateLessonRequest, _abc.Awaitable[_course_pb2.CreateLessonResponse]],
     ) -> _abc.Awaitable[_course_pb2.CreateLessonResponse]: ...
 
-    @_abc_1.abstractmethod
     def Enroll(
         self,
         request: _course_pb2.EnrollRequest,
         context: _aio.ServicerContext[_course_pb2.EnrollRequest, _abc.Awaitable[_course_pb2.EnrollResponse]],
     ) -> _abc.Awaitable[_course_pb2.EnrollResponse]: ...
 
-    @_abc_1.abstractmethod
     def CompleteLesson(
         self,
         request: _course_pb2.CompleteLessonRequest,
         context: _aio.ServicerContext[_course_pb2.CompleteLessonRequest, _abc.Awaitable[_course_pb2.CompleteLessonResponse]],
     ) -> _abc.Awaitable[_course_pb2.CompleteLessonResponse]: ...
 
-    @_abc_1.abstractmethod
     def GetProgress(
         self,
         request: _course_pb2.GetProgressRequest,

@@ -7,7 +7,6 @@ isort:skip_file
 from collections import abc as _abc
 from grpc import aio as _aio
 from learnmesh.file.v1 import file_pb2 as _file_pb2
-import abc as _abc_1
 
 
 GRPC_GENERATED_VERSION: str
@@ -23,10 +22,9 @@ class FileServiceStub:
     Download: _aio.UnaryStreamMultiCallable[_file_pb2.DownloadRequest, _file_pb2.DownloadResponse]
     DeleteFile: _aio.UnaryUnaryMultiCallable[_file_pb2.DeleteFileRequest, _file_pb2.DeleteFileResponse]
 
-class FileServiceServicer(metaclass=_abc_1.ABCMeta):
+class FileServiceServicer:
     """Uploads and downloads of users' files."""
 
-    @_abc_1.abstractmethod
     def Upload(
         self,
         request_iterator: _abc.AsyncIterator[_file_pb2.UploadRequest],
@@ -34,21 +32,18 @@ class FileServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _abc.Awaitable[_file_pb2.UploadResponse]:
         """A header, then the bytes in chunks. Nothing is kept unless the whole upload succeeds."""
 
-    @_abc_1.abstractmethod
     def GetFile(
         self,
         request: _file_pb2.GetFileRequest,
         context: _aio.ServicerContext[_file_pb2.GetFileRequest, _abc.Awaitable[_file_pb2.GetFileResponse]],
     ) -> _abc.Awaitable[_file_pb2.GetFileResponse]: ...
 
-    @_abc_1.abstractmethod
     def Download(
         self,
         request: _file_pb2.DownloadRequest,
         context: _aio.ServicerContext[_file_pb2.DownloadRequest, _abc.AsyncIterator[_file_pb2.DownloadResponse]],
     ) -> _abc.AsyncIterator[_file_pb2.DownloadResponse]: ...
 
-    @_abc_1.abstractmethod
     def DeleteFile(
         self,
         request: _file_pb2.DeleteFileRequest,

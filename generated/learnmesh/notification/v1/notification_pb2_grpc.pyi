@@ -7,7 +7,6 @@ isort:skip_file
 from collections import abc as _abc
 from grpc import aio as _aio
 from learnmesh.notification.v1 import notification_pb2 as _notification_pb2
-import abc as _abc_1
 
 
 GRPC_GENERATED_VERSION: str
@@ -27,10 +26,9 @@ class NotificationServiceStub:
     Notify: _aio.UnaryUnaryMultiCallable[_notification_pb2.NotifyRequest, _notification_pb2.NotifyResponse]
     """Sends a notification to a user over the channels asked for and allowed by their preferences."""
 
-class NotificationServiceServicer(metaclass=_abc_1.ABCMeta):
+class NotificationServiceServicer:
     """In-app, email and webhook notifications."""
 
-    @_abc_1.abstractmethod
     def Subscribe(
         self,
         request: _notification_pb2.SubscribeRequest,
@@ -38,42 +36,36 @@ class NotificationServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _abc.AsyncIterator[_notification_pb2.SubscribeResponse]:
         """The caller's notifications after after_id, then new ones as they arrive."""
 
-    @_abc_1.abstractmethod
     def ListNotifications(
         self,
         request: _notification_pb2.ListNotificationsRequest,
         context: _aio.ServicerContext[_notification_pb2.ListNotificationsRequest, _abc.Awaitable[_notification_pb2.ListNotificationsResponse]],
     ) -> _abc.Awaitable[_notification_pb2.ListNotificationsResponse]: ...
 
-    @_abc_1.abstractmethod
     def MarkRead(
         self,
         request: _notification_pb2.MarkReadRequest,
         context: _aio.ServicerContext[_notification_pb2.MarkReadRequest, _abc.Awaitable[_notification_pb2.MarkReadResponse]],
     ) -> _abc.Awaitable[_notification_pb2.MarkReadResponse]: ...
 
-    @_abc_1.abstractmethod
     def MarkAllRead(
         self,
         request: _notification_pb2.MarkAllReadRequest,
         context: _aio.ServicerContext[_notification_pb2.MarkAllReadRequest, _abc.Awaitable[_notification_pb2.MarkAllReadResponse]],
     ) -> _abc.Awaitable[_notification_pb2.MarkAllReadResponse]: ...
 
-    @_abc_1.abstractmethod
     def GetPreferences(
         self,
         request: _notification_pb2.GetPreferencesRequest,
         context: _aio.ServicerContext[_notification_pb2.GetPreferencesRequest, _abc.Awaitable[_notification_pb2.GetPreferencesResponse]],
     ) -> _abc.Awaitable[_notification_pb2.GetPreferencesResponse]: ...
 
-    @_abc_1.abstractmethod
     def UpdatePreferences(
         self,
         request: _notification_pb2.UpdatePreferencesRequest,
         context: _aio.ServicerContext[_notification_pb2.UpdatePreferencesRequest, _abc.Awaitable[_notification_pb2.UpdatePreferencesResponse]],
     ) -> _abc.Awaitable[_notification_pb2.UpdatePreferencesResponse]: ...
 
-    @_abc_1.abstractmethod
     def Notify(
         self,
         request: _notification_pb2.NotifyRequest,

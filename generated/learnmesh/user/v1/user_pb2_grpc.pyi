@@ -7,7 +7,6 @@ isort:skip_file
 from collections import abc as _abc
 from grpc import aio as _aio
 from learnmesh.user.v1 import user_pb2 as _user_pb2
-import abc as _abc_1
 
 
 GRPC_GENERATED_VERSION: str
@@ -36,10 +35,9 @@ class UserServiceStub:
     BatchGetUsers: _aio.UnaryUnaryMultiCallable[_user_pb2.BatchGetUsersRequest, _user_pb2.BatchGetUsersResponse]
     """Profiles by id, in the order asked; unknown ids are left out."""
 
-class UserServiceServicer(metaclass=_abc_1.ABCMeta):
+class UserServiceServicer:
     """Profiles, roles and preferences of the platform's users."""
 
-    @_abc_1.abstractmethod
     def GetMe(
         self,
         request: _user_pb2.GetMeRequest,
@@ -47,7 +45,6 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _abc.Awaitable[_user_pb2.GetMeResponse]:
         """The caller's own profile."""
 
-    @_abc_1.abstractmethod
     def UpdateMe(
         self,
         request: _user_pb2.UpdateMeRequest,
@@ -55,7 +52,6 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _abc.Awaitable[_user_pb2.UpdateMeResponse]:
         """Changes the fields of the caller's profile named in update_mask."""
 
-    @_abc_1.abstractmethod
     def GetUser(
         self,
         request: _user_pb2.GetUserRequest,
@@ -63,7 +59,6 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _abc.Awaitable[_user_pb2.GetUserResponse]:
         """A user's profile, for that user or an admin."""
 
-    @_abc_1.abstractmethod
     def ListUsers(
         self,
         request: _user_pb2.ListUsersRequest,
@@ -71,7 +66,6 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _abc.Awaitable[_user_pb2.ListUsersResponse]:
         """All users, newest first, for admins."""
 
-    @_abc_1.abstractmethod
     def SetRole(
         self,
         request: _user_pb2.SetRoleRequest,
@@ -79,7 +73,6 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _abc.Awaitable[_user_pb2.SetRoleResponse]:
         """Gives a user a role."""
 
-    @_abc_1.abstractmethod
     def DeleteUser(
         self,
         request: _user_pb2.DeleteUserRequest,
@@ -87,7 +80,6 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _abc.Awaitable[_user_pb2.DeleteUserResponse]:
         """Deletes a user's profile (the user themself or an admin)."""
 
-    @_abc_1.abstractmethod
     def SetAvatar(
         self,
         request: _user_pb2.SetAvatarRequest,
@@ -95,7 +87,6 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _abc.Awaitable[_user_pb2.SetAvatarResponse]:
         """Makes an uploaded image (a file of the caller's, purpose avatar) the caller's avatar."""
 
-    @_abc_1.abstractmethod
     def CreateUser(
         self,
         request: _user_pb2.CreateUserRequest,
@@ -103,7 +94,6 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _abc.Awaitable[_user_pb2.CreateUserResponse]:
         """Creates the profile of a newly registered user (called by the auth service)."""
 
-    @_abc_1.abstractmethod
     def BatchGetUsers(
         self,
         request: _user_pb2.BatchGetUsersRequest,
