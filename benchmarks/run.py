@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -93,7 +94,9 @@ async def _call(
     """One real gRPC call of what h2load will send: h2load only sees HTTP statuses."""
     path, message = target
     async with grpc.aio.insecure_channel(address) as channel:
-        method = channel.unary_unary(path, request_serializer=lambda m: m.SerializeToString())
+        method: grpc.aio.UnaryUnaryMultiCallable[Any, bytes] = channel.unary_unary(
+            path, request_serializer=lambda m: m.SerializeToString()
+        )
         await method(message, metadata=metadata, timeout=5)
 
 

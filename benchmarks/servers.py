@@ -83,7 +83,7 @@ async def _full(port: int) -> Any:
 
     access_log = True
     base = config.load(env={})
-    limits = {
+    limits: dict[str, Any] = {
         f.name: 10**9
         for f in dataclasses.fields(base.limits)
         if f.name.endswith(("minute", "hour"))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from grpc import aio
@@ -93,9 +93,12 @@ def kind_of(handler: grpc.RpcMethodHandler[Any, Any]) -> RpcKind:
 
 
 def behavior_of(handler: grpc.RpcMethodHandler[Any, Any]) -> Behavior:
-    return (
+    behavior = (
         handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
     )
+    if behavior is None:
+        raise TypeError(f"a method handler with no behaviour: {handler!r}")
+    return behavior
 
 
 _FACTORIES = {
@@ -282,14 +285,16 @@ class ServerChain(aio.ServerInterceptor):
             str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]
         ] = {}
 
-    def applied_to(self, server: aio.Server) -> ChainedServer:
+    def applied_to(self, server: aio.Server) -> aio.Server:
         """``server`` as services should see it: what they register is wrapped first."""
-        return ChainedServer(server, self)
+        # A ChainedServer stands in for the aio.Server it wraps (registration wrapped, the
+        # rest passed on): typed as one, it goes wherever generated code takes a server.
+        return cast(aio.Server, ChainedServer(server, self))
 
     async def intercept_service(
         self,
         continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
         ],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:

@@ -24,7 +24,7 @@ def with_metadata(details: aio.ClientCallDetails, *pairs: tuple[str, str]) -> ai
 
 
 def replace_details(details: aio.ClientCallDetails, **changes: Any) -> aio.ClientCallDetails:
-    fields = {
+    fields: dict[str, Any] = {
         "method": details.method,
         "timeout": details.timeout,
         "metadata": details.metadata,
@@ -36,7 +36,7 @@ def replace_details(details: aio.ClientCallDetails, **changes: Any) -> aio.Clien
 
 
 def method_name(details: aio.ClientCallDetails) -> str:
-    method = details.method
+    method: str | bytes = details.method  # bytes at run time, whatever the stubs say
     return method.decode() if isinstance(method, bytes) else method
 
 

@@ -61,7 +61,7 @@ class Deadline(ServerLink):
         name = method.name
 
         def budget(context: aio.ServicerContext[Any, Any]) -> float:
-            left = context.time_remaining()
+            left: float | None = context.time_remaining()
             if left is None or left > _NO_DEADLINE:
                 return default
             if left <= 0:

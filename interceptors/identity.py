@@ -24,7 +24,7 @@ from learnmesh.kernel.errors import PermissionDenied, Unauthenticated
 
 def spiffe_of(context: aio.ServicerContext[Any, Any]) -> str:
     """The caller's SPIFFE ID, or "" when the channel has none."""
-    values = context.auth_context().get("peer_spiffe_id") or ()
+    values = tuple(context.auth_context().get("peer_spiffe_id") or ())
     return values[0].decode() if len(values) == 1 else ""
 
 

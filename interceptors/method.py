@@ -38,7 +38,7 @@ class MethodInfo:
         return self.idempotency in (NO_SIDE_EFFECTS, IDEMPOTENT)
 
     @property
-    def rate_class(self) -> int:
+    def rate_class(self) -> access_pb2.RateClass.ValueType:
         """The declared rate class, or the one derived from idempotency and name."""
         if self.policy.rate_class != access_pb2.RATE_CLASS_UNSPECIFIED:
             return self.policy.rate_class

@@ -50,7 +50,7 @@ def code_of_error(exc: BaseException, context: aio.ServicerContext[Any, Any]) ->
     # whatever the handler raised after that: cancellation (grpc cancels the handler on the
     # deadline as on a caller's cancel; only the remaining time tells them apart, and it is
     # None or huge without a deadline), or a failed attempt to send its own status.
-    remaining = context.time_remaining()
+    remaining: float | None = context.time_remaining()
     if remaining is not None and remaining < DEADLINE_SLACK:
         return DEADLINE_EXCEEDED
     if isinstance(exc, asyncio.CancelledError | GeneratorExit):

@@ -175,7 +175,7 @@ def _whole(value: float) -> int:
     return max(1, math.floor(value + 1e-9))
 
 
-def tier_rule(limits: Limits, rate_class: int, tier: str) -> Rule:
+def tier_rule(limits: Limits, rate_class: access_pb2.RateClass.ValueType, tier: str) -> Rule:
     """Per-minute tier limit times the class multiplier, plus the burst window."""
     multiplier = {
         access_pb2.RATE_CLASS_READ: 1.0,
@@ -192,7 +192,7 @@ def tier_rule(limits: Limits, rate_class: int, tier: str) -> Rule:
     )
 
 
-def address_rule(limits: Limits, rate_class: int) -> Rule:
+def address_rule(limits: Limits, rate_class: access_pb2.RateClass.ValueType) -> Rule:
     """The per-address minute and hour limits of login, register and password reset."""
     name = _CLASS_NAMES[rate_class]
     return _rule(

@@ -248,7 +248,7 @@ class RecordedSpan(trace.Span, ReadableSpan):
         self._context = context
         self._parent = parent
         self._kind = kind
-        self._attributes: dict[str, types.AnyValue] | BoundedAttributes = attributes  # type: ignore[assignment]
+        self._attributes: dict[str, types.AnyValue] | BoundedAttributes = attributes
         self._events: Sequence[Event] = ()
         self._links: Sequence[Link] = ()
         self._status = _UNSET
@@ -319,7 +319,7 @@ class RecordedSpan(trace.Span, ReadableSpan):
         bounded = self._frozen(attributes, limits.max_event_attributes)
         self._events.append(Event(name=name, attributes=bounded, timestamp=timestamp))
 
-    def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
+    def add_link(self, context: SpanContext | None, attributes: types.Attributes = None) -> None:
         if not (context and (context.is_valid or attributes or context.trace_state)):
             return  # the SDK's rule: such a link says nothing
         if self._ended("add_link"):
@@ -357,7 +357,7 @@ class RecordedSpan(trace.Span, ReadableSpan):
             self._status = Status(status, description)
 
     # The SDK's own: it needs nothing of the span but add_event.
-    record_exception = sdk_trace.Span.record_exception  # type: ignore[assignment]
+    record_exception = sdk_trace.Span.record_exception
 
     def end(self, end_time: int | None = None) -> None:
         if self._end_time is not None:

@@ -18,7 +18,8 @@ from learnmesh.kernel.errors import FieldViolation, InvalidArgument
 def field_path(violation: protovalidate.Violation) -> str:
     """``profile.display_name``, ``user_ids[2]``: the path of the offending field."""
     parts: list[str] = []
-    for element in violation.proto.field.elements:
+    path = violation.proto.field  # None for a message-level rule
+    for element in path.elements if path is not None else ():
         name = element.field_name
         subscript = element.subscript
         if subscript is not None:

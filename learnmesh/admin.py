@@ -50,7 +50,7 @@ def _statuses(servicer: health.aio.HealthServicer) -> Mapping[str, int]:
     grpc's HealthServicer has no public way to list what it knows (its ``List`` RPC is not
     implemented in grpcio), so readiness reads its table; start_admin checks it exists.
     """
-    table: Mapping[str, int] = servicer._server_status
+    table: Mapping[str, int] = servicer._server_status  # type: ignore[attr-defined]  # private
     return table
 
 

@@ -153,7 +153,8 @@ async def probe(target: ProbeTarget) -> ProbeResult:
                 f"error: no connection to {target.address} within {target.timeout:g}s",
             )
         try:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(
+            # types-grpcio-health-checking's HealthStub declares no methods.
+            reply = await health_pb2_grpc.HealthStub(channel).Check(  # type: ignore[attr-defined]
                 health_pb2.HealthCheckRequest(service=target.service),
                 timeout=max(deadline - time.monotonic(), 0.001),
             )

@@ -6,7 +6,7 @@ that the file is theirs; its answers become the user service's domain errors.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import grpc
@@ -29,7 +29,7 @@ _UNREACHABLE = {
 _NOT_YOURS = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED}
 
 
-def _purpose_name(value: int) -> str:
+def _purpose_name(value: file_pb2.Purpose.ValueType) -> str:
     """PURPOSE_AVATAR → "avatar"; a number this build does not know → ""."""
     try:
         return file_pb2.Purpose.Name(value).removeprefix("PURPOSE_").lower()
@@ -37,11 +37,11 @@ def _purpose_name(value: int) -> str:
         return ""
 
 
-def forwarded(metadata: Sequence[tuple[str, Any]] | None) -> tuple[tuple[str, str], ...]:
+def forwarded(metadata: Iterable[tuple[str, Any]] | None) -> tuple[tuple[str, str], ...]:
     return tuple((k, str(v)) for k, v in metadata or () if k in FORWARDED)
 
 
-def lookup_for(clients: ClientFactory, metadata: Sequence[tuple[str, Any]] | None) -> FileLookup:
+def lookup_for(clients: ClientFactory, metadata: Iterable[tuple[str, Any]] | None) -> FileLookup:
     """A FileLookup that asks the file service with the inbound call's credentials."""
     outbound = forwarded(metadata)
 

@@ -6,7 +6,7 @@ method's policy and validated the request, so nothing is re-checked.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from google.protobuf import timestamp_pb2
 from grpc import aio
@@ -17,6 +17,11 @@ from learnmesh.kernel import principal
 from learnmesh.user.v1 import user_pb2, user_pb2_grpc
 from services.user import files
 from services.user.profiles import Preferences, Profile, ProfileChanges, Profiles
+
+if TYPE_CHECKING:
+    from google.protobuf.internal.enum_type_wrapper import _EnumTypeWrapper
+
+_Value = TypeVar("_Value", bound=int)
 
 ROLE_PREFIX = "ROLE_"
 TIER_PREFIX = "SUBSCRIPTION_TIER_"
@@ -35,12 +40,12 @@ def name_of(enum: Any, value: int, prefix: str) -> str:
     return full.removeprefix(prefix).lower()
 
 
-def value_of(enum: Any, name: str, prefix: str) -> int:
+def value_of(enum: _EnumTypeWrapper[_Value], name: str, prefix: str) -> _Value:
     """Name to number: "free_user" → ROLE_FREE_USER; unknown or empty → 0 (unspecified)."""
     try:
-        number: int = enum.Value(prefix + name.upper())
+        number = enum.Value(prefix + name.upper())
     except ValueError:
-        return 0
+        return cast("_Value", 0)  # every proto3 enum's zero value
     return number
 
 
