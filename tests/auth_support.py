@@ -34,6 +34,7 @@ def status_of(err: aio.AioRpcError) -> status_pb2.Status:
     """The google.rpc.Status the server put in ``grpc-status-details-bin``."""
     for key, value in err.trailing_metadata() or ():
         if key == "grpc-status-details-bin":
+            assert isinstance(value, bytes)  # a -bin key's value
             return status_pb2.Status.FromString(value)
     raise AssertionError(f"no status details in {err!r}")
 
@@ -84,7 +85,7 @@ def mails_to(mail_dir: Path, address: str) -> list[str]:
     box = mailbox.Maildir(mail_dir, create=False)
     try:
         return [
-            str(message.get_payload(decode=True).decode())
+            bytes(message.get_payload(decode=True)).decode()  # a single-part message: bytes
             for message in box
             if message["To"] == address
         ]

@@ -31,7 +31,7 @@ POSTGRES_URL = os.environ.get(
 )
 IN_CI = os.environ.get("CI", "").lower() == "true"
 PASSWORD = "correct horse battery staple"
-GENEROUS_LIMITS = {
+GENEROUS_LIMITS: dict[str, Any] = {
     name: 100_000
     for name in (
         "free_per_minute",

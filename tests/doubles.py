@@ -118,8 +118,8 @@ class Served:
 async def serve(
     links: Sequence[ServerLink],
     *,
-    course: CourseDouble | None = None,
-    files: FileDouble | None = None,
+    course: course_pb2_grpc.CourseServiceServicer | None = None,
+    files: file_pb2_grpc.FileServiceServicer | None = None,
     credentials: grpc.ServerCredentials | None = None,
 ) -> Served:
     """A real server on an ephemeral port with the given server chain and doubles."""

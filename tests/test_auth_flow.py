@@ -8,6 +8,7 @@ import socket
 import uuid
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -263,11 +264,12 @@ async def test_sessions_listed_and_revoked(mesh: Mesh) -> None:
 
 
 async def test_user_methods_need_a_token(mesh: Mesh) -> None:
-    for call, request in (
+    calls: tuple[tuple[Any, Any], ...] = (
         (mesh.auth.ListSessions, auth_pb2.ListSessionsRequest()),
         (mesh.auth.Logout, auth_pb2.LogoutRequest()),
         (mesh.auth.EnrollMfa, auth_pb2.EnrollMfaRequest()),
-    ):
+    )
+    for call, request in calls:
         with pytest.raises(aio.AioRpcError) as err:
             await call(request)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -529,6 +531,6 @@ async def test_login_flood_from_one_address_is_rate_limited(tmp_path: Path) -> N
         assert codes[:5] == [grpc.StatusCode.UNAUTHENTICATED] * 5
         assert codes[5:] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
         delay = retry_delay(last)
-        assert delay is not None and 0 < delay <= 60
+        assert 0 < delay <= 60
         trailers = dict(last.trailing_metadata())
         assert trailers["x-ratelimit-limit"] == "5" and trailers["x-ratelimit-remaining"] == "0"

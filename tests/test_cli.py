@@ -87,7 +87,8 @@ async def health_of(
         else aio.secure_channel(address, credentials)
     )
     async with channel:
-        reply = await health_pb2_grpc.HealthStub(channel).Check(
+        # grpc_health's stubs declare no HealthStub methods
+        reply = await health_pb2_grpc.HealthStub(channel).Check(  # type: ignore[attr-defined]
             health_pb2.HealthCheckRequest(service=service), timeout=5
         )
         return int(reply.status)

@@ -176,7 +176,7 @@ class Outcome:
         """Seconds in the google.rpc.RetryInfo detail of a refused call."""
         assert self.status is not None, f"no status details on {self.code}: {self.message}"
         for detail in self.status.details:
-            if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):  # type: ignore[arg-type]  # stubs: DESCRIPTOR wider than Is takes
                 info = error_details_pb2.RetryInfo()
                 detail.Unpack(info)
                 return float(info.retry_delay.ToNanoseconds()) / 1e9
@@ -186,7 +186,7 @@ class Outcome:
     def reason(self) -> str:
         assert self.status is not None
         for detail in self.status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):  # type: ignore[arg-type]  # stubs: DESCRIPTOR wider than Is takes
                 info = error_details_pb2.ErrorInfo()
                 detail.Unpack(info)
                 return info.reason
@@ -422,7 +422,8 @@ async def test_exempt_internal_and_grpc_methods_are_never_limited_and_carry_no_t
         outcomes = [
             *await run(5, lambda: target.auth.GetJwks(auth_pb2.GetJwksRequest())),
             *await run(5, lambda: target.auth.IntrospectToken(auth_pb2.IntrospectTokenRequest())),
-            *await run(5, lambda: target.health.Check(health_pb2.HealthCheckRequest())),
+            # grpc_health's stubs declare no HealthStub methods
+            *await run(5, lambda: target.health.Check(health_pb2.HealthCheckRequest())),  # type: ignore[attr-defined]
         ]
         link = target.link
     assert link is not None

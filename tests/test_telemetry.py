@@ -18,10 +18,10 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -99,6 +99,22 @@ class Opaque(Sampler):
 # "eager": other ids, decided and made by SpanStarter with ids drawn at once;
 # "sdk": a sampler SpanStarter does not know: the SDK decides and makes every span.
 ID_MODES = ("lazy", "eager", "sdk")
+
+
+def attrs(span: ReadableSpan) -> Mapping[str, Any]:
+    """A finished span's attributes (the SDK types them optional)."""
+    assert span.attributes is not None, span
+    return span.attributes
+
+
+def parent_of(span: ReadableSpan) -> SpanContext:
+    assert span.parent is not None, span
+    return span.parent
+
+
+def description(span: ReadableSpan) -> str:
+    assert span.status.description is not None, span
+    return span.status.description
 
 
 class Traces:
@@ -266,9 +282,9 @@ async def test_aborted_calls_record_the_final_code_and_only_server_faults_are_er
                 await stub.GetCourse(get_course())
             assert caught.value.code() is code
     not_found, unavailable = traces.spans()
-    assert not_found.attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
+    assert attrs(not_found)["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
     assert not_found.status.status_code is StatusCode.UNSET  # the caller's fault, not ours
-    assert unavailable.attributes["rpc.grpc.status_code"] == 14
+    assert attrs(unavailable)["rpc.grpc.status_code"] == 14
     assert unavailable.status.status_code is StatusCode.ERROR
     assert unavailable.status.description == "UNAVAILABLE: scripted failure"
 
@@ -282,10 +298,10 @@ async def test_an_unmapped_exception_is_internal_and_its_text_stays_out_of_the_s
             await course_pb2_grpc.CourseServiceStub(channel).GetCourse(get_course())
     assert caught.value.code() is grpc.StatusCode.INTERNAL
     (span,) = traces.spans()
-    assert span.attributes["rpc.grpc.status_code"] == 13
+    assert attrs(span)["rpc.grpc.status_code"] == 13
     assert span.status.status_code is StatusCode.ERROR
-    assert span.status.description.startswith("INTERNAL: internal error")
-    assert "SELECT" not in span.status.description
+    assert description(span).startswith("INTERNAL: internal error")
+    assert "SELECT" not in description(span)
     assert not span.events  # no exception event carrying the text either
 
 
@@ -295,7 +311,7 @@ async def test_without_error_mapping_an_escaping_exception_is_unknown(traces: Tr
             await course_pb2_grpc.CourseServiceStub(channel).GetCourse(get_course())
     assert caught.value.code() is grpc.StatusCode.UNKNOWN
     (span,) = traces.spans()
-    assert span.attributes["rpc.grpc.status_code"] == 2
+    assert attrs(span)["rpc.grpc.status_code"] == 2
     assert span.status.description == "UNKNOWN"
 
 
@@ -314,9 +330,9 @@ async def test_deadline_exceeded_and_cancelled_calls(traces: Traces) -> None:
         call.cancel()
         _, cancelled = await traces.wait_for(2)
     assert course.script.cancelled == 2
-    assert timed_out.attributes["rpc.grpc.status_code"] == 4
+    assert attrs(timed_out)["rpc.grpc.status_code"] == 4
     assert timed_out.status.status_code is StatusCode.ERROR
-    assert cancelled.attributes["rpc.grpc.status_code"] == 1
+    assert attrs(cancelled)["rpc.grpc.status_code"] == 1
     assert cancelled.status.status_code is StatusCode.UNSET
 
 
@@ -336,9 +352,9 @@ async def test_traceparent_in_metadata_becomes_the_parent(traces: Traces) -> Non
     child, *fresh = traces.spans()
     assert hex_of(child.context.trace_id) == TRACE_HEX
     assert child.parent is not None
-    assert f"{child.parent.span_id:016x}" == SPAN_HEX
-    assert child.parent.is_remote
-    assert child.context.span_id != child.parent.span_id
+    assert f"{parent_of(child).span_id:016x}" == SPAN_HEX
+    assert parent_of(child).is_remote
+    assert child.context.span_id != parent_of(child).span_id
     assert child.context.trace_state.get("vendor") == "opaque"
     assert len(fresh) == 3
     for span in fresh:
@@ -367,13 +383,13 @@ async def test_a_calls_b_one_trace_with_parent_and_child_links(traces: Traces) -
     (a_client,) = [s for s in spans if s.kind is SpanKind.CLIENT]
     b_server = next(s for s in spans if s.kind is SpanKind.SERVER and s.parent is not None)
     assert {s.context.trace_id for s in spans} == {a_server.context.trace_id}
-    assert a_client.parent.span_id == a_server.context.span_id
-    assert not a_client.parent.is_remote
-    assert b_server.parent.span_id == a_client.context.span_id
-    assert b_server.parent.is_remote
-    assert a_client.attributes["rpc.service"] == COURSE
-    assert a_client.attributes["rpc.method"] == "GetCourse"
-    assert a_client.attributes["rpc.grpc.status_code"] == 0
+    assert parent_of(a_client).span_id == a_server.context.span_id
+    assert not parent_of(a_client).is_remote
+    assert parent_of(b_server).span_id == a_client.context.span_id
+    assert parent_of(b_server).is_remote
+    assert attrs(a_client)["rpc.service"] == COURSE
+    assert attrs(a_client)["rpc.method"] == "GetCourse"
+    assert attrs(a_client)["rpc.grpc.status_code"] == 0
     assert a_client.status.status_code is StatusCode.UNSET
     # B received exactly one traceparent (the client span's) and A's request id.
     (received,) = b_course.received
@@ -381,7 +397,7 @@ async def test_a_calls_b_one_trace_with_parent_and_child_links(traces: Traces) -
     assert [value for key, value in received if key == "traceparent"] == [
         f"00-{hex_of(a_client.context.trace_id)}-{a_client.context.span_id:016x}-{flags}"
     ]
-    assert b_server.attributes["learnmesh.request_id"] == "req-a-to-b"
+    assert attrs(b_server)["learnmesh.request_id"] == "req-a-to-b"
 
 
 async def test_a_failing_b_marks_the_client_span(traces: Traces) -> None:
@@ -396,7 +412,7 @@ async def test_a_failing_b_marks_the_client_span(traces: Traces) -> None:
         await channel.close()
     (client,) = [s for s in traces.spans() if s.kind is SpanKind.CLIENT]
     assert client.parent is None  # nothing was current: the client span is the root
-    assert client.attributes["rpc.grpc.status_code"] == 7
+    assert attrs(client)["rpc.grpc.status_code"] == 7
     assert client.status.status_code is StatusCode.ERROR  # any failure, for a client span
     assert client.status.description == "PERMISSION_DENIED"
 
@@ -422,10 +438,10 @@ async def test_streaming_calls_get_spans_with_their_final_status(traces: Traces)
             traces.spans(f"{FILES}/{name}"), key=lambda s: s.kind is SpanKind.CLIENT
         )
         assert server.kind is SpanKind.SERVER and client_span.kind is SpanKind.CLIENT
-        assert server.attributes["rpc.method"] == name
-        assert server.attributes["rpc.grpc.status_code"] == 0
-        assert client_span.attributes["rpc.grpc.status_code"] == 0
-        assert server.parent.span_id == client_span.context.span_id
+        assert attrs(server)["rpc.method"] == name
+        assert attrs(server)["rpc.grpc.status_code"] == 0
+        assert attrs(client_span)["rpc.grpc.status_code"] == 0
+        assert parent_of(server).span_id == client_span.context.span_id
         assert server.context.trace_id == client_span.context.trace_id
 
 
@@ -444,13 +460,14 @@ async def test_streaming_failure_and_cancellation_mid_stream(traces: Traces) -> 
             file_pb2.DownloadRequest(file_id=COURSE_ID)
         )
         first = await call.read()
+        assert isinstance(first, file_pb2.DownloadResponse)
         assert first.chunk == b"first"
         call.cancel()
         failed, cancelled = await traces.wait_for(2)
-    assert failed.attributes["rpc.grpc.status_code"] == grpc.StatusCode.DATA_LOSS.value[0]
+    assert attrs(failed)["rpc.grpc.status_code"] == grpc.StatusCode.DATA_LOSS.value[0]
     assert failed.status.status_code is StatusCode.ERROR
-    assert "damaged" in failed.status.description
-    assert cancelled.attributes["rpc.grpc.status_code"] == 1
+    assert "damaged" in description(failed)
+    assert attrs(cancelled)["rpc.grpc.status_code"] == 1
     assert cancelled.status.status_code is StatusCode.UNSET
 
 
@@ -586,7 +603,7 @@ def test_dropped_and_sampled_roots_keep_the_ratio_rule(ids: str) -> None:
         assert span_context.is_valid
         assert span.get_span_context() is span_context  # drawn once, then kept
         low = span_context.trace_id & TraceIdRatioBased.TRACE_ID_LIMIT
-        assert (low < sampler._root.bound) is span.is_recording()
+        assert (low < cast(TraceIdRatioBased, sampler._root).bound) is span.is_recording()
         assert span_context.trace_flags.sampled is span.is_recording()
         assert span_context.trace_flags.random_trace_id  # both id generators are random
     assert len({s.get_span_context().trace_id for s in spans}) == 2000
@@ -620,10 +637,10 @@ class Annotating(CourseDouble):
         span.set_attribute("course.level", "beginner")
         span.set_attributes({f"course.n{i}": i for i in range(40)})  # past the count limit
         span.set_attribute("course.tags", ["grpc", "intro"])  # cleaned to a tuple
-        span.set_attribute("course.weird", object())  # not an attribute value
+        span.set_attribute("course.weird", object())  # type: ignore[arg-type]  # not a value
         span.set_attribute("", "no key")  # dropped and counted
         span.set_attribute("course.level", "advanced")  # set again: moves to the end
-        span.add_event("cache miss", {"key": "course:1", "size": 3, "bad": object(), "n": 1})
+        span.add_event("cache miss", {"key": "course:1", "size": 3, "bad": object(), "n": 1})  # type: ignore[dict-item]
         span.add_link(
             SpanContext(int(TRACE_HEX, 16), int(SPAN_HEX, 16), True), {"link.kind": "follows"}
         )

@@ -34,6 +34,7 @@ WEBHOOK = common_pb2.NOTIFICATION_CHANNEL_WEBHOOK
 def status_details(err: aio.AioRpcError) -> status_pb2.Status:
     for key, value in err.trailing_metadata() or ():
         if key == "grpc-status-details-bin":
+            assert isinstance(value, bytes)  # a -bin key's value
             return status_pb2.Status.FromString(value)
     raise AssertionError(f"no grpc-status-details-bin in the trailers of {err.code()}")
 
@@ -42,7 +43,7 @@ def violations(err: aio.AioRpcError) -> dict[str, str]:
     """field -> description of the google.rpc.BadRequest detail (last wins per field)."""
     found: dict[str, str] = {}
     for detail in status_details(err).details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):  # type: ignore[arg-type]  # stubs: DESCRIPTOR wider than Is takes
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
             found.update({v.field: v.description for v in bad.field_violations})
@@ -51,7 +52,7 @@ def violations(err: aio.AioRpcError) -> dict[str, str]:
 
 def error_reason(err: aio.AioRpcError) -> str:
     for detail in status_details(err).details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):  # type: ignore[arg-type]  # stubs: DESCRIPTOR wider than Is takes
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
             return info.reason
