@@ -393,10 +393,13 @@ class SpanStarter:
         tracer_provider: trace.TracerProvider | None,
         tracer_name: str,
         kept_attributes: Callable[[Any], dict[str, str]] | None = None,
+        *,
+        sdk_spans: bool = False,
     ) -> None:
         provider = tracer_provider or trace.get_tracer_provider()
         self.tracer = provider.get_tracer(tracer_name)
-        self.path = fast_path(self.tracer)
+        # sdk_spans (LEARNMESH_TELEMETRY_SDK_SPANS): the SDK makes every span, no fast path.
+        self.path = None if sdk_spans else fast_path(self.tracer)
         # Attributes that cost something to find (kept_attributes(source)): made only for
         # spans that are kept (on the fast path), and given at their start.
         self.kept_attributes = kept_attributes

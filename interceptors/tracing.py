@@ -11,17 +11,30 @@ call here): names and attribute dicts are made once per method, ``traceparent`` 
 only when present, spans are made by ``interceptors.spans.SpanStarter`` (the SDK's
 decisions and records, without the SDK's cost), and a call whose span the sampler dropped
 has nothing to end, which matters at 10 % sampling where nine calls in ten are dropped.
+
+Propagation follows ``OTEL_PROPAGATORS`` (read when a link is made; default
+``tracecontext,baggage``). Names within ``tracecontext`` and ``baggage`` are handled here:
+``traceparent``/``tracestate`` by the parser below, W3C ``baggage`` by the API's
+W3CBaggagePropagator (only when the header is there: inbound baggage is in the context
+the handler runs in, and outbound calls carry the current context's baggage); a name left
+out is neither read nor sent, and ``none`` turns propagation off. Any other name (``b3``,
+``b3multi``, ``jaeger``, …) hands extraction and injection to OpenTelemetry's global
+propagator (``opentelemetry.propagate``, which loads those names from the same variable;
+their packages must be installed).
 """
 
 from __future__ import annotations
 
+import os
 import random
 import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grpc
 from grpc import aio
-from opentelemetry import trace
+from opentelemetry import baggage, propagate, trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
 from opentelemetry.trace import (
     NonRecordingSpan,
@@ -44,6 +57,11 @@ from learnmesh.kernel.tracecontext import attach, context_of, current_context
 TRACER_NAME = "learnmesh.interceptors.tracing"
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
+BAGGAGE = "baggage"
+# What OTEL_PROPAGATORS may name for the links' own W3C handling; anything else goes to
+# OpenTelemetry's global propagator.
+W3C_PROPAGATORS = frozenset({"tracecontext", "baggage"})
+DEFAULT_PROPAGATORS = ("tracecontext", "baggage")
 STATUS_CODE = "rpc.grpc.status_code"
 PEER_IDENTITY = "learnmesh.peer_identity"
 
@@ -68,6 +86,37 @@ _OK = grpc.StatusCode.OK
 # running the handler happened to inherit.
 _ROOT = Context()
 _random = random.random
+_BAGGAGE = W3CBaggagePropagator()
+
+
+def propagators_from_env(env: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The propagator names of ``OTEL_PROPAGATORS`` (lower case), or the default pair."""
+    raw = (os.environ if env is None else env).get("OTEL_PROPAGATORS", "")
+    names = tuple(name.strip().lower() for name in raw.split(",") if name.strip())
+    return names or DEFAULT_PROPAGATORS
+
+
+class Propagation:
+    """What a link reads from and writes to call metadata, for a list of propagator names."""
+
+    def __init__(self, names: Sequence[str] | None = None) -> None:
+        names = tuple(n.lower() for n in (propagators_from_env() if names is None else names))
+        self.names = names
+        off = "none" in names
+        # Names beyond the W3C pair: the global propagator does all of it (no fast parsing).
+        self.use_global = not off and not set(names) <= W3C_PROPAGATORS
+        self.tracecontext = not off and not self.use_global and "tracecontext" in names
+        self.baggage = not off and not self.use_global and "baggage" in names
+
+
+def _in_context(span: trace.Span, base: Context) -> Context:
+    """A context holding ``span`` and whatever ``base`` holds (baggage)."""
+    return context_of(span) if base is _ROOT else trace.set_span_in_context(span, base)
+
+
+def _carrier(metadata: Any) -> dict[str, str]:
+    """Call metadata as a propagator's carrier (text values; the last of a repeated key)."""
+    return {key: value for key, value in metadata or () if isinstance(value, str)}
 
 
 def parse_traceparent(traceparent: str, tracestate: str | None) -> SpanContext | None:
@@ -136,8 +185,17 @@ def _rpc_attributes(service: str, name: str) -> dict[str, str]:
 class Tracing(ServerLink):
     """A SERVER span per call; the global tracer provider unless one is given."""
 
-    def __init__(self, tracer_provider: trace.TracerProvider | None = None) -> None:
-        self.starter = SpanStarter(tracer_provider, TRACER_NAME, _call_attributes)
+    def __init__(
+        self,
+        tracer_provider: trace.TracerProvider | None = None,
+        *,
+        sdk_spans: bool = False,
+        propagators: Sequence[str] | None = None,
+    ) -> None:
+        self.starter = SpanStarter(
+            tracer_provider, TRACER_NAME, _call_attributes, sdk_spans=sdk_spans
+        )
+        self.propagation = Propagation(propagators)
 
     def wrap(self, method: MethodInfo, behavior: Behavior) -> Behavior:
         # Everything a call needs is bound here, once per method: the hot path below is a
@@ -151,29 +209,50 @@ class Tracing(ServerLink):
         span_name = method.full_method.lstrip("/")
         attributes = _rpc_attributes(method.service, method.name)
         server = SpanKind.SERVER
+        propagation = self.propagation
+        # Keys that OTEL_PROPAGATORS leaves out match no metadata key ("").
+        traceparent_key = TRACEPARENT if propagation.tracecontext else ""
+        tracestate_key = TRACESTATE if propagation.tracecontext else ""
+        baggage_key = BAGGAGE if propagation.baggage else ""
 
         def begin(context: aio.ServicerContext[Any, Any]) -> trace.Span | None:
             """The call's span, made current; None when it was dropped (nothing to end)."""
-            traceparent = tracestate = None
+            traceparent = tracestate = baggage_header = None
             for key, value in call_metadata(context):
-                if key == TRACEPARENT:
+                if key == traceparent_key:
                     traceparent = value
-                elif key == TRACESTATE:
+                elif key == tracestate_key:
                     tracestate = value
+                elif key == baggage_key:
+                    baggage_header = value
+            base = _ROOT
+            if baggage_header is not None:
+                base = _BAGGAGE.extract({BAGGAGE: baggage_header}, context=_ROOT)
             # Never detached: grpc.aio runs each call in a task of its own, and the task's
             # context (the span in it) ends with the call.
             parent = None if traceparent is None else parse_traceparent(traceparent, tracestate)
             if parent is not None:
-                parent_context = context_of(NonRecordingSpan(parent))
+                parent_context = _in_context(NonRecordingSpan(parent), base)
                 span = start(span_name, server, parent_context, parent, attributes, context)
             elif lazy is None:
-                span = start_root(span_name, server, _ROOT, attributes, context)
+                span = start_root(span_name, server, base, attributes, context)
             elif _random() >= lazy.root_rate:
-                attach(context_of(DroppedRoot(lazy)))
+                attach(_in_context(DroppedRoot(lazy), base))
                 return None
             else:
-                span = kept_root(span_name, server, _ROOT, attributes, context)
-            attach(context_of(span))
+                span = kept_root(span_name, server, base, attributes, context)
+            attach(_in_context(span, base))
+            return span if span.is_recording() else None
+
+        def begin_global(context: aio.ServicerContext[Any, Any]) -> trace.Span | None:
+            """As ``begin``, with OpenTelemetry's global propagator reading the metadata."""
+            base = propagate.extract(_carrier(call_metadata(context)), context=_ROOT)
+            found = trace.get_current_span(base).get_span_context()
+            if found.is_valid:
+                span = start(span_name, server, base, found, attributes, context)
+            else:
+                span = start_root(span_name, server, base, attributes, context)
+            attach(trace.set_span_in_context(span, base))
             return span if span.is_recording() else None
 
         def end(
@@ -192,7 +271,7 @@ class Tracing(ServerLink):
                 span.set_status(Status(StatusCode.ERROR, _description(code, context, exc)))
             span.end()
 
-        return observe(method, behavior, begin, end)
+        return observe(method, behavior, begin_global if propagation.use_global else begin, end)
 
 
 def _description(
@@ -211,8 +290,15 @@ class ClientTracing(ClientConcern):
     """A CLIENT span per outbound call, child of the current span, with the trace context
     injected into the call's metadata."""
 
-    def __init__(self, tracer_provider: trace.TracerProvider | None = None) -> None:
-        self.starter = SpanStarter(tracer_provider, TRACER_NAME)
+    def __init__(
+        self,
+        tracer_provider: trace.TracerProvider | None = None,
+        *,
+        sdk_spans: bool = False,
+        propagators: Sequence[str] | None = None,
+    ) -> None:
+        self.starter = SpanStarter(tracer_provider, TRACER_NAME, sdk_spans=sdk_spans)
+        self.propagation = Propagation(propagators)
         self._methods: dict[str, tuple[str, dict[str, str]]] = {}
 
     def _describe(self, method: str) -> tuple[str, dict[str, str]]:
@@ -230,17 +316,23 @@ class ClientTracing(ClientConcern):
         found = trace.get_current_span(current).get_span_context()
         parent = found if found.is_valid else None
         span = self.starter.start(span_name, SpanKind.CLIENT, current, parent, attributes)
+        propagation = self.propagation
+        carrier: dict[str, str] = {}
+        if propagation.use_global:
+            textmap = propagate.get_global_textmap()
+            textmap.inject(carrier, context=trace.set_span_in_context(span, current))
+            return _with_fields(details, carrier, textmap.fields), span
+        if propagation.baggage and baggage.get_all(current):
+            _BAGGAGE.inject(carrier, context=current)
         span_context = span.get_span_context()
-        if not span_context.is_valid:
-            return details, span
-        pairs = [
-            (key, value)
-            for key, value in details.metadata or ()
-            if key not in (TRACEPARENT, TRACESTATE)
-        ]
+        if not (span_context.is_valid and propagation.tracecontext):
+            return (_with_fields(details, carrier, (BAGGAGE,)) if carrier else details), span
+        replaced = (TRACEPARENT, TRACESTATE, BAGGAGE) if carrier else (TRACEPARENT, TRACESTATE)
+        pairs = [(key, value) for key, value in details.metadata or () if key not in replaced]
         pairs.append((TRACEPARENT, traceparent_of(span_context)))
         if span_context.trace_state:
             pairs.append((TRACESTATE, span_context.trace_state.to_header()))
+        pairs.extend(carrier.items())
         return replace_details(details, metadata=aio.Metadata(*pairs)), span
 
     def after(self, details: aio.ClientCallDetails, token: Any, code: grpc.StatusCode) -> None:
@@ -250,3 +342,13 @@ class ClientTracing(ClientConcern):
             if code is not _OK:
                 span.set_status(Status(StatusCode.ERROR, code.name))
         span.end()
+
+
+def _with_fields(
+    details: aio.ClientCallDetails, carrier: Mapping[str, str], fields: Any
+) -> aio.ClientCallDetails:
+    """``details`` with the propagator's ``fields`` replaced by what ``carrier`` holds."""
+    drop = set(fields) | set(carrier)
+    pairs = [(key, value) for key, value in details.metadata or () if key not in drop]
+    pairs.extend(carrier.items())
+    return replace_details(details, metadata=aio.Metadata(*pairs))

@@ -108,7 +108,7 @@ class ClientFactory:
             [
                 *self.interceptors,
                 ClientRequestId(),
-                ClientTracing(),
+                ClientTracing(sdk_spans=self.settings.telemetry.sdk_spans),
                 DeadlinePropagation(self.settings.deadlines.propagation_margin),
                 breaker,
             ]

@@ -75,7 +75,7 @@ def server_links(
     )
     return [
         RequestId(),
-        Tracing(),
+        Tracing(sdk_spans=settings.telemetry.sdk_spans),
         Metrics(access_log=settings.telemetry.access_log),
         ErrorMapping(),
         Deadline(settings.deadlines.default, settings.deadlines.cap, settings.method_deadlines),
