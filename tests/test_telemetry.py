@@ -26,8 +26,10 @@ from typing import Any, cast
 import grpc
 import pytest
 from grpc import aio
-from opentelemetry import trace
+from opentelemetry import baggage, propagate, trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
+from opentelemetry.sdk import trace as sdk_trace
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -49,9 +51,15 @@ from interceptors.deadline import Deadline
 from interceptors.errors import ErrorMapping
 from interceptors.metrics import ACCESS_LOGGER, Metrics
 from interceptors.request_id import ClientRequestId, RequestId
-from interceptors.spans import SpanStarter
-from interceptors.tracing import TRACER_NAME, ClientTracing, Tracing
-from learnmesh import telemetry
+from interceptors.spans import RecordedSpan, SpanStarter
+from interceptors.tracing import (
+    TRACER_NAME,
+    ClientTracing,
+    Propagation,
+    Tracing,
+    propagators_from_env,
+)
+from learnmesh import config, telemetry
 from learnmesh.config import ConfigError
 from learnmesh.course.v1 import course_pb2, course_pb2_grpc
 from learnmesh.file.v1 import file_pb2, file_pb2_grpc
@@ -483,6 +491,7 @@ def seeded_random() -> Iterator[None]:
     random.setstate(state)
 
 
+@pytest.mark.span_parity
 @pytest.mark.parametrize("ids", ID_MODES)
 @pytest.mark.usefixtures("seeded_random")
 async def test_ten_percent_parent_based_sampling_records_about_a_tenth_of_roots(
@@ -502,6 +511,7 @@ async def test_ten_percent_parent_based_sampling_records_about_a_tenth_of_roots(
     sampled.provider.shutdown()
 
 
+@pytest.mark.span_parity
 @pytest.mark.parametrize("ids", ID_MODES)
 async def test_sampling_follows_the_callers_decision(ids: str) -> None:
     sampled = Traces(ParentBased(TraceIdRatioBased(0.1)), ids=ids)
@@ -518,6 +528,7 @@ async def test_sampling_follows_the_callers_decision(ids: str) -> None:
     sampled.provider.shutdown()
 
 
+@pytest.mark.span_parity
 @pytest.mark.parametrize("ids", ID_MODES)
 @pytest.mark.usefixtures("seeded_random")
 async def test_a_roots_decision_travels_to_b(ids: str) -> None:
@@ -546,6 +557,7 @@ async def test_a_roots_decision_travels_to_b(ids: str) -> None:
     sampled.provider.shutdown()
 
 
+@pytest.mark.span_parity
 @pytest.mark.parametrize(
     ("sampler", "known"),
     [
@@ -571,6 +583,7 @@ def test_the_fast_path_is_taken_only_for_samplers_it_can_follow(
     assert SpanStarter(Traces(sampler, ids="sdk").provider, TRACER_NAME).path is None
 
 
+@pytest.mark.span_parity
 @pytest.mark.parametrize(
     "limits",
     [SpanLimits(max_span_attribute_length=64), SpanLimits(max_span_attributes=8)],
@@ -582,6 +595,7 @@ def test_limits_that_could_cut_the_links_attributes_leave_spans_to_the_sdk(
     assert SpanStarter(Traces(limits=SpanLimits()).provider, TRACER_NAME).path is not None
 
 
+@pytest.mark.span_parity
 def test_the_sdks_internal_span_metrics_leave_spans_to_the_sdk(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -589,6 +603,7 @@ def test_the_sdks_internal_span_metrics_leave_spans_to_the_sdk(
     assert SpanStarter(Traces().provider, TRACER_NAME).path is None
 
 
+@pytest.mark.span_parity
 @pytest.mark.parametrize("ids", ["lazy", "eager"])
 @pytest.mark.usefixtures("seeded_random")
 def test_dropped_and_sampled_roots_keep_the_ratio_rule(ids: str) -> None:
@@ -684,6 +699,7 @@ def portrait(span: ReadableSpan) -> dict[str, Any]:
     }
 
 
+@pytest.mark.span_parity
 @pytest.mark.parametrize("traceparent", [None, f"00-{TRACE_HEX}-{SPAN_HEX}-01"])
 async def test_a_recorded_span_exports_what_the_sdks_span_would(traceparent: str | None) -> None:
     """One call annotated by its handler, through SpanStarter's spans and the SDK's own,
@@ -723,6 +739,7 @@ async def test_a_recorded_span_exports_what_the_sdks_span_would(traceparent: str
     assert link[1] == {"link.kind": "follows"}
 
 
+@pytest.mark.span_parity
 async def test_a_recorded_span_refuses_changes_once_ended(
     traces: Traces, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -742,6 +759,203 @@ async def test_a_recorded_span_refuses_changes_once_ended(
     assert not exported.events
     assert exported.status.status_code is StatusCode.UNSET
     assert "ended span" in caplog.text
+
+
+# --- the SDK's own spans on request -----------------------------------------------------------
+
+
+class CurrentSpanType(CourseDouble):
+    """Records the type of the span current in the handler (the server link's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.types: list[type[Any]] = []
+
+    async def GetCourse(self, request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        self.types.append(type(trace.get_current_span()))
+        return await super().GetCourse(request, context)
+
+
+@pytest.mark.span_parity
+@pytest.mark.parametrize("sdk_spans", [False, True])
+async def test_the_sdk_spans_setting_makes_the_sdk_make_every_span(
+    traces: Traces, sdk_spans: bool
+) -> None:
+    course = CurrentSpanType()
+    links = [Tracing(traces.provider, sdk_spans=sdk_spans)]
+    client = ClientTracing(traces.provider, sdk_spans=sdk_spans)
+    assert (client.starter.path is None) is sdk_spans
+    async with running(links, course=course, client_interceptors=[client]) as (_, channel):
+        await course_pb2_grpc.CourseServiceStub(channel).GetCourse(get_course())
+    (kind,) = course.types
+    assert issubclass(kind, sdk_trace.Span) is sdk_spans  # the SDK's own (its _Span)
+    assert (kind is RecordedSpan) is not sdk_spans
+    server, client_span = sorted(traces.spans(GET_COURSE), key=lambda s: s.kind.value)
+    assert server.kind is SpanKind.SERVER and client_span.kind is SpanKind.CLIENT
+    assert parent_of(server).span_id == client_span.context.span_id
+
+
+def test_the_assembly_passes_the_sdk_spans_setting_to_both_tracing_links(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from learnmesh.server import build_runtime, server_links
+
+    traces = Traces()
+    # The links use the global provider: an SDK one here, whose spans the fast path can make.
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: traces.provider)
+    for value, fast in (("false", True), ("true", False)):
+        env = {"LEARNMESH_TLS_ENABLED": "false", "LEARNMESH_VAR_DIR": str(tmp_path)}
+        settings = config.load(env={**env, "LEARNMESH_TELEMETRY_SDK_SPANS": value})
+        assert settings.telemetry.sdk_spans is not fast
+        runtime, _ = build_runtime(settings, "test")
+        (tracing,) = [
+            link for link in server_links(runtime, {}, tls=False) if isinstance(link, Tracing)
+        ]
+        (client,) = [
+            i for i in runtime.clients._chain("127.0.0.1:1") if isinstance(i, ClientTracing)
+        ]
+        assert (tracing.starter.path is not None) is fast
+        assert (client.starter.path is not None) is fast
+    traces.provider.shutdown()
+
+
+# --- propagation: OTEL_PROPAGATORS and baggage, over the wire -------------------------------
+
+W3C_BAGGAGE = W3CBaggagePropagator()
+
+
+class BaggageRelay(Relay):
+    """A: notes the baggage its handler runs with, then asks B (A calls B)."""
+
+    def __init__(self, b_channel: aio.Channel) -> None:
+        super().__init__(b_channel)
+        self.baggage: list[dict[str, object]] = []
+
+    async def GetCourse(self, request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        self.baggage.append(dict(baggage.get_all()))
+        return await self.b.GetCourse(request)
+
+
+@asynccontextmanager
+async def a_calls_b(
+    traces: Traces, propagators: Sequence[str] | None
+) -> AsyncIterator[tuple[aio.Channel, BaggageRelay, RawMetadata]]:
+    """B behind the tracing link; A behind it too, calling B through ClientTracing; a
+    channel to A. Every link is made with ``propagators``."""
+    b_course = RawMetadata()
+    async with running([Tracing(traces.provider, propagators=propagators)], course=b_course) as (
+        b,
+        _,
+    ):
+        client = ClientTracing(traces.provider, propagators=propagators)
+        b_channel = aio.insecure_channel(b.address, interceptors=for_every_kind([client]))
+        relay = BaggageRelay(b_channel)
+        links = [Tracing(traces.provider, propagators=propagators)]
+        async with running(links, course=relay) as (_, a_channel):
+            yield a_channel, relay, b_course
+        await b_channel.close()
+
+
+def test_otel_propagators_is_read_as_the_sdk_reads_it() -> None:
+    assert propagators_from_env({}) == ("tracecontext", "baggage")
+    assert propagators_from_env({"OTEL_PROPAGATORS": " TraceContext , b3multi "}) == (
+        "tracecontext",
+        "b3multi",
+    )
+    w3c = Propagation(["tracecontext", "baggage"])
+    assert (w3c.tracecontext, w3c.baggage, w3c.use_global) == (True, True, False)
+    only = Propagation(["tracecontext"])
+    assert (only.tracecontext, only.baggage, only.use_global) == (True, False, False)
+    off = Propagation(["none"])
+    assert (off.tracecontext, off.baggage, off.use_global) == (False, False, False)
+    other = Propagation(["tracecontext", "b3"])
+    assert (other.tracecontext, other.baggage, other.use_global) == (False, False, True)
+
+
+async def test_baggage_travels_from_the_inbound_call_to_the_outbound_one(traces: Traces) -> None:
+    async with a_calls_b(traces, None) as (a_channel, relay, b_course):
+        await course_pb2_grpc.CourseServiceStub(a_channel).GetCourse(
+            get_course(),
+            metadata=(
+                ("traceparent", f"00-{TRACE_HEX}-{SPAN_HEX}-01"),
+                ("baggage", "tenant=acme,user.tier=pro"),
+            ),
+        )
+        # Without a traceparent, baggage still arrives and is passed on.
+        await course_pb2_grpc.CourseServiceStub(a_channel).GetCourse(
+            get_course(), metadata=(("baggage", "tenant=solo"),)
+        )
+        # No baggage in, none out.
+        await course_pb2_grpc.CourseServiceStub(a_channel).GetCourse(get_course())
+    assert relay.baggage == [{"tenant": "acme", "user.tier": "pro"}, {"tenant": "solo"}, {}]
+    sent = [[v for k, v in pairs if k == "baggage"] for pairs in b_course.received]
+    assert [len(values) for values in sent] == [1, 1, 0]
+    assert [dict(baggage.get_all(W3C_BAGGAGE.extract({"baggage": v[0]}))) for v in sent[:2]] == [
+        {"tenant": "acme", "user.tier": "pro"},
+        {"tenant": "solo"},
+    ]
+    # The trace went through as before: B's span is a child of A's client span.
+    first = [s for s in traces.spans(GET_COURSE) if hex_of(s.context.trace_id) == TRACE_HEX]
+    (a_client,) = [s for s in first if s.kind is SpanKind.CLIENT]
+    (b_server,) = [s for s in first if s.parent and s.parent.span_id == a_client.context.span_id]
+    assert b_server.kind is SpanKind.SERVER and parent_of(b_server).is_remote
+
+
+async def test_propagators_without_baggage_neither_read_nor_send_it(traces: Traces) -> None:
+    async with a_calls_b(traces, ["tracecontext"]) as (a_channel, relay, b_course):
+        await course_pb2_grpc.CourseServiceStub(a_channel).GetCourse(
+            get_course(),
+            metadata=(
+                ("traceparent", f"00-{TRACE_HEX}-{SPAN_HEX}-01"),
+                ("baggage", "tenant=acme"),
+            ),
+        )
+    assert relay.baggage == [{}]
+    (received,) = b_course.received
+    assert "baggage" not in dict(received)
+    assert dict(received)["traceparent"].split("-")[1] == TRACE_HEX
+
+
+@pytest.fixture
+def b3_global() -> Iterator[None]:
+    """OpenTelemetry's global propagator as OTEL_PROPAGATORS=b3multi,baggage makes it."""
+    from opentelemetry.propagators.b3 import B3MultiFormat
+    from opentelemetry.propagators.composite import CompositePropagator
+
+    before = propagate.get_global_textmap()
+    propagate.set_global_textmap(CompositePropagator([B3MultiFormat(), W3CBaggagePropagator()]))
+    yield
+    propagate.set_global_textmap(before)
+
+
+@pytest.mark.usefixtures("b3_global")
+async def test_other_propagators_go_through_the_global_propagator(traces: Traces) -> None:
+    names = propagators_from_env({"OTEL_PROPAGATORS": "b3multi,baggage"})
+    async with a_calls_b(traces, names) as (a_channel, relay, b_course):
+        await course_pb2_grpc.CourseServiceStub(a_channel).GetCourse(
+            get_course(),
+            metadata=(
+                ("x-b3-traceid", TRACE_HEX),
+                ("x-b3-spanid", SPAN_HEX),
+                ("x-b3-sampled", "1"),
+                ("baggage", "tenant=acme"),
+                # Not among OTEL_PROPAGATORS: ignored.
+                ("traceparent", f"00-{'1' * 32}-{'2' * 16}-01"),
+            ),
+        )
+    assert relay.baggage == [{"tenant": "acme"}]
+    spans = traces.spans(GET_COURSE)
+    assert len(spans) == 3
+    assert {hex_of(s.context.trace_id) for s in spans} == {TRACE_HEX}
+    a_server = next(s for s in spans if parent_of(s).span_id == int(SPAN_HEX, 16))
+    assert a_server.kind is SpanKind.SERVER and parent_of(a_server).is_remote
+    (a_client,) = [s for s in spans if s.kind is SpanKind.CLIENT]
+    (received,) = b_course.received
+    headers = dict(received)
+    assert "traceparent" not in headers
+    assert headers["x-b3-traceid"] == TRACE_HEX
+    assert headers["x-b3-spanid"] == f"{a_client.context.span_id:016x}"
+    assert headers["baggage"] == "tenant=acme"
 
 
 # --- metrics ----------------------------------------------------------------------------------
