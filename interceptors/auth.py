@@ -19,6 +19,7 @@ from grpc import aio
 
 from interceptors.chain import Behavior, ServerLink, call_metadata, guard
 from interceptors.method import MethodInfo
+from interceptors.requests import refuse_undecodable
 from learnmesh.common.v1 import access_pb2
 from learnmesh.kernel import principal
 from learnmesh.kernel.errors import PermissionDenied, Unauthenticated
@@ -97,6 +98,7 @@ class AccessPolicy(ServerLink):
     async def _owner(
         method: MethodInfo, resolver: OwnerResolver | None, request: Any
     ) -> str | None:
+        refuse_undecodable(request)  # before a resolver reads its fields
         if resolver is not None:
             return await resolver(request)
         field = method.policy.owner_field

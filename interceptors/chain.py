@@ -20,6 +20,8 @@ import grpc
 from grpc import aio
 
 from interceptors.method import MethodInfo, RpcKind, method_info
+from interceptors.requests import PendingRequest, decoding
+from interceptors.shapes import canonical, stream_of
 
 Behavior = Callable[..., Any]
 # (request or None for client-streaming calls, context) -> None, raising to refuse the call
@@ -80,7 +82,17 @@ def trailers() -> tuple[tuple[str, str | bytes], ...]:
 
 
 class ServerLink:
-    """One concern of the server chain. Subclasses override ``wrap``."""
+    """One concern of the server chain. Subclasses override ``wrap``.
+
+    ``needs_request``: the link looks at the request message of unary-request calls, so the
+    chain reads it (a ``PendingRequest`` until then) before the link runs. A link that does
+    not (request ids, tracing, metrics, error mapping) lets the read happen further in.
+    ``reads_request``: the link reads a ``PendingRequest`` itself (the deadline link, so that
+    the read runs under the call's deadline).
+    """
+
+    needs_request: bool = True
+    reads_request: bool = False
 
     def wrap(self, method: MethodInfo, behavior: Behavior) -> Behavior:
         return behavior
@@ -107,15 +119,6 @@ _FACTORIES = {
     "stream_unary": grpc.stream_unary_rpc_method_handler,
     "stream_stream": grpc.stream_stream_rpc_method_handler,
 }
-
-
-async def stream_of(result: Any) -> AsyncIterator[Any]:
-    """Response messages of a server-streaming behaviour, whether it yields or awaits."""
-    if hasattr(result, "__aiter__"):
-        async for message in result:
-            yield message
-    else:  # a coroutine that writes with context.write()
-        await result
 
 
 def guard(method: MethodInfo, behavior: Behavior, check: Check | SyncCheck) -> Behavior:
@@ -320,14 +323,81 @@ class ServerChain(aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler[Any, Any]:
         kind = kind_of(handler)
         method = method_info(name, kind)
-        behavior = behavior_of(handler)
-        for link in reversed(self.links):
-            behavior = link.wrap(method, behavior)
-        return _FACTORIES[kind](
-            behavior,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+        behavior = canonical(kind, behavior_of(handler))
+        links = self.links
+        type_name = method.request_type.DESCRIPTOR.full_name if method.request_type else "request"
+        deserializer = decoding(handler.request_deserializer, type_name)
+        if kind.startswith("stream_"):
+            for link in reversed(links):
+                behavior = link.wrap(method, behavior)
+            return _FACTORIES[kind](
+                behavior,
+                request_deserializer=deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        # Unary request: registered as request-streaming, so the links hold the call before
+        # its message arrives; read where the first link that needs it says.
+        first = next(
+            (i for i, link in enumerate(links) if link.needs_request or link.reads_request),
+            len(links),
         )
+        if first == len(links):
+            behavior = _reading(method, behavior)
+        for index in range(len(links) - 1, -1, -1):
+            behavior = links[index].wrap(method, behavior)
+            if index == first and not links[index].reads_request:
+                behavior = _reading(method, behavior)
+        return _entry(method, behavior, deserializer, handler.response_serializer)
+
+
+def _reading(method: MethodInfo, behavior: Behavior) -> Behavior:
+    """Reads a pending request before ``behavior`` runs."""
+    if method.kind == "unary_unary":
+
+        async def unary_unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+            if type(request) is PendingRequest:
+                request = await request.read()
+            return await behavior(request, context)
+
+        return unary_unary
+
+    async def unary_stream(
+        request: Any, context: aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        if type(request) is PendingRequest:
+            request = await request.read()
+        async for message in stream_of(behavior(request, context)):
+            yield message
+
+    return unary_stream
+
+
+def _entry(
+    method: MethodInfo,
+    behavior: Behavior,
+    deserializer: Callable[[bytes], Any] | None,
+    serializer: Callable[[Any], bytes] | None,
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """The grpc handler of a unary-request method: request-streaming on the wire, so the
+    chain starts when the call does, with a ``PendingRequest`` for the links."""
+    if method.kind == "unary_unary":
+
+        async def unary_response(_requests: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+            return await behavior(PendingRequest(context), context)
+
+        return grpc.stream_unary_rpc_method_handler(
+            unary_response, request_deserializer=deserializer, response_serializer=serializer
+        )
+
+    async def streaming_response(
+        _requests: Any, context: aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        async for message in stream_of(behavior(PendingRequest(context), context)):
+            yield message
+
+    return grpc.stream_stream_rpc_method_handler(
+        streaming_response, request_deserializer=deserializer, response_serializer=serializer
+    )
 
 
 class _ChainedHandlers(grpc.GenericRpcHandler):

@@ -2,7 +2,12 @@
 
 Server side: a call without a deadline gets the method's default, a longer one is cut to
 the method's cap, and one already past ends with DEADLINE_EXCEEDED before the handler runs.
-The handler runs under that deadline, so when it passes (or the caller cancels, which
+The deadline starts when the call does: the request of a unary-request call is read under
+it (see ``interceptors.requests``), so a request that never arrives ends at the deadline
+too. A caller's own deadline is kept a few milliseconds short (``_early``), so the server's
+DEADLINE_EXCEEDED, with its trailers and request id, arrives before the caller's timer
+would end the call without them. The handler runs under that deadline, so when it passes
+(or the caller cancels, which
 grpc.aio delivers as cancellation) the handler's work, database calls included, is
 cancelled. A handler that returns after its deadline (a loop timer fires a little late)
 also ends with DEADLINE_EXCEEDED rather than an answer its caller no longer waits for, so
@@ -27,9 +32,11 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from interceptors.chain import Behavior, ServerLink, stream_of
+from interceptors.chain import Behavior, ServerLink
 from interceptors.client import ClientConcern, method_name, replace_details
 from interceptors.method import MethodInfo
+from interceptors.requests import PendingRequest
+from interceptors.shapes import stream_of
 from learnmesh.kernel.errors import DeadlineExceeded
 
 # Absolute time.monotonic() deadline of the call being served, for outbound propagation.
@@ -48,7 +55,21 @@ def remaining() -> float | None:
     return None if deadline is None else deadline - time.monotonic()
 
 
+def _early(left: float) -> float:
+    """How much sooner than the caller's own deadline the server gives up, so that its
+    DEADLINE_EXCEEDED (with the call's trailers: the request id) reaches the caller before
+    the caller's timer ends the call on its own: two deadline slots and 2 ms for the
+    network, at most half the time left."""
+    slot = min(max(int(left * 10), 1), 50) / 1000
+    return min(2 * slot + 0.002, left / 2)
+
+
 class Deadline(ServerLink):
+    """Keeps, defaults and caps the deadline of every call; reads the request of a
+    unary-request call under it, so a request that never arrives ends at the deadline."""
+
+    reads_request = True
+
     def __init__(
         self, default: float, cap: float, methods: Mapping[str, tuple[float, float]] | None = None
     ) -> None:
@@ -66,7 +87,7 @@ class Deadline(ServerLink):
                 return default
             if left <= 0:
                 raise DeadlineExceeded(f"{name}: the caller's deadline had passed on arrival")
-            return min(left, cap)
+            return min(left - _early(left), cap)
 
         def exceeded(seconds: float) -> DeadlineExceeded:
             return DeadlineExceeded(f"{name} did not finish within its deadline of {seconds:.3g} s")
@@ -77,6 +98,8 @@ class Deadline(ServerLink):
                 seconds = budget(context)
                 with _Timer(seconds) as timer:
                     try:
+                        if type(request) is PendingRequest:
+                            request = await request.read()
                         response = await behavior(request, context)
                     except asyncio.CancelledError:
                         if timer.fired:
@@ -94,6 +117,8 @@ class Deadline(ServerLink):
             seconds = budget(context)
             with _Timer(seconds) as timer:
                 try:
+                    if type(request) is PendingRequest:
+                        request = await request.read()
                     async for message in stream_of(behavior(request, context)):
                         yield message
                 except asyncio.CancelledError:

@@ -108,6 +108,8 @@ async def map_exception(
 
 
 class ErrorMapping(ServerLink):
+    needs_request = False  # the request message is not looked at
+
     def wrap(self, method: MethodInfo, behavior: Behavior) -> Behavior:
         async def on_error(exc: BaseException, context: aio.ServicerContext[Any, Any]) -> None:
             await map_exception(exc, context, method.full_method)

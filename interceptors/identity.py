@@ -29,6 +29,8 @@ def spiffe_of(context: aio.ServicerContext[Any, Any]) -> str:
 
 
 class PeerIdentity(ServerLink):
+    needs_request = False  # the request message is not looked at
+
     def __init__(
         self,
         trust_domain: str,

@@ -141,6 +141,8 @@ def call_stats(registry: CollectorRegistry) -> CallStats:
 class Metrics(ServerLink):
     """Latency histogram, call counter and access log; the default registry unless given."""
 
+    needs_request = False  # the request message is not looked at
+
     def __init__(self, registry: CollectorRegistry | None = None, access_log: bool = True) -> None:
         self.instruments = call_stats(registry if registry is not None else REGISTRY)
         self.access_log = access_log

@@ -17,8 +17,9 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from interceptors.chain import Behavior, stream_of
+from interceptors.chain import Behavior
 from interceptors.method import MethodInfo
+from interceptors.shapes import stream_of
 
 OK = grpc.StatusCode.OK
 UNKNOWN = grpc.StatusCode.UNKNOWN

@@ -43,6 +43,8 @@ def call_info_of(context: aio.ServicerContext[Any, Any]) -> CallInfo:
 
 
 class RequestId(ServerLink):
+    needs_request = False  # the request message is not looked at
+
     def wrap(self, method: MethodInfo, behavior: Behavior) -> Behavior:
         def check(_request: Any, context: aio.ServicerContext[Any, Any]) -> None:
             info = call_info_of(context)

@@ -185,6 +185,8 @@ def _rpc_attributes(service: str, name: str) -> dict[str, str]:
 class Tracing(ServerLink):
     """A SERVER span per call; the global tracer provider unless one is given."""
 
+    needs_request = False  # the request message is not looked at
+
     def __init__(
         self,
         tracer_provider: trace.TracerProvider | None = None,

@@ -1,7 +1,8 @@
 """Validation: protovalidate checks every request message against its buf.validate rules.
 
-A bad request ends with INVALID_ARGUMENT and a google.rpc.BadRequest listing each field
-violation, before any handler runs, so servicers never re-check shapes.
+A request that could not be decoded, or breaks a rule, ends with INVALID_ARGUMENT and a
+google.rpc.BadRequest listing each field violation, before any handler runs, so servicers
+never re-check shapes.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import protovalidate
 
 from interceptors.chain import Behavior, ServerLink, each_request
 from interceptors.method import MethodInfo
+from interceptors.requests import refuse_undecodable
 from learnmesh.kernel.errors import FieldViolation, InvalidArgument
 
 
@@ -41,11 +43,12 @@ class Validation(ServerLink):
         self.validator = validator or protovalidate.Validator()
 
     def check(self, message: Any) -> None:
+        refuse_undecodable(message)
         found = violations_of(message, self.validator)
         if found:
             raise InvalidArgument(found)
 
     def wrap(self, method: MethodInfo, behavior: Behavior) -> Behavior:
         if method.request_type is None:  # grpc's own services: nothing declared to check
-            return behavior
+            return each_request(method, behavior, refuse_undecodable)
         return each_request(method, behavior, self.check)
