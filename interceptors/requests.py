@@ -36,15 +36,11 @@ class Undecodable:
         self.reason = reason
 
     def error(self) -> InvalidArgument:
-        return InvalidArgument(
-            [
-                FieldViolation(
-                    "",
-                    f"the request is not a valid {self.type_name} message ({self.reason});"
-                    " send it serialized as the method's request type",
-                )
-            ]
+        text = (
+            f"the request is not a valid {self.type_name} message ({self.reason});"
+            " send it serialized as the method's request type"
         )
+        return InvalidArgument([FieldViolation("", text)], text)
 
 
 def decoding(deserializer: Deserializer | None, type_name: str) -> Deserializer | None:
@@ -83,9 +79,8 @@ class PendingRequest:
     async def read(self) -> Any:
         message = await self.context.read()
         if message is aio.EOF:
-            raise InvalidArgument(
-                [FieldViolation("", "the call ended before its request message was sent")]
-            )
+            text = "the call ended before its request message was sent"
+            raise InvalidArgument([FieldViolation("", text)], text)
         return message
 
 

@@ -135,6 +135,8 @@ class ServerSettings:
     # (never a business method). Port 0 picks a free one; -1 turns it off.
     admin_host: str = "127.0.0.1"
     admin_port: int = field(default=50052, metadata=_check(_admin_port))
+    # Concurrent calls one client connection may have open (HTTP/2 SETTINGS); more wait.
+    max_concurrent_streams: int = field(default=100, metadata=_check(_positive))
 
 
 @dataclass(frozen=True)

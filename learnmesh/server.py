@@ -10,7 +10,6 @@ from typing import Any
 import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from interceptors.auth import AccessPolicy
 from interceptors.chain import ServerChain, ServerLink
@@ -22,7 +21,7 @@ from interceptors.ratelimit import RateLimit, backend_for
 from interceptors.request_id import RequestId
 from interceptors.tracing import Tracing
 from interceptors.validation import Validation
-from learnmesh import tls
+from learnmesh import reflection, tls
 from learnmesh.auth.v1 import auth_pb2
 from learnmesh.client import ClientFactory
 from learnmesh.config import Settings
@@ -128,7 +127,12 @@ async def start_server(
     # Filled below, once the servicers exist; the access link reads it at call time.
     resolvers: dict[str, Any] = {}
     links = server_links(runtime, resolvers, tls=credentials is not None)
-    server = aio.server(options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
+    server = aio.server(
+        options=[
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+            ("grpc.max_concurrent_streams", runtime.settings.server.max_concurrent_streams),
+        ]
+    )
     # Every service registers through the chain, health and reflection included.
     chained = ServerChain(links).applied_to(server)
     try:
@@ -152,14 +156,7 @@ async def start_server(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, chained)
     names = [d.full_name for d in definitions]
-    reflection.enable_server_reflection(
-        [
-            *names,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ],
-        chained,
-    )
+    reflection.enable([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name], chained)
     await server.start()
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

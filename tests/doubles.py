@@ -122,12 +122,14 @@ async def serve(
     files: file_pb2_grpc.FileServiceServicer | None = None,
     credentials: grpc.ServerCredentials | None = None,
 ) -> Served:
-    """A real server on an ephemeral port with the given server chain and doubles."""
-    server = aio.server(interceptors=[ServerChain(links)])
+    """A real server on an ephemeral port with the given server chain and doubles, wired
+    as the product wires it (``ServerChain(links).applied_to(server)``)."""
+    server = aio.server()
+    chained = ServerChain(links).applied_to(server)
     if course is not None:
-        course_pb2_grpc.add_CourseServiceServicer_to_server(course, server)
+        course_pb2_grpc.add_CourseServiceServicer_to_server(course, chained)
     if files is not None:
-        file_pb2_grpc.add_FileServiceServicer_to_server(files, server)
+        file_pb2_grpc.add_FileServiceServicer_to_server(files, chained)
     if credentials is None:
         port = server.add_insecure_port("127.0.0.1:0")
     else:

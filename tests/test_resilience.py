@@ -53,8 +53,10 @@ class RelayA(course_pb2_grpc.CourseServiceServicer):
 
 async def start_a_served(clients: ClientFactory, **kw: float) -> Served:
     links = [RequestId(), ErrorMapping(), Deadline(kw.get("default", 10.0), kw.get("cap", 30.0))]
-    server = aio.server(interceptors=[ServerChain(links)])
-    course_pb2_grpc.add_CourseServiceServicer_to_server(RelayA(clients), server)
+    server = aio.server()
+    course_pb2_grpc.add_CourseServiceServicer_to_server(
+        RelayA(clients), ServerChain(links).applied_to(server)
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return Served(server, port)
