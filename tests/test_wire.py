@@ -90,7 +90,7 @@ async def test_reflection_lists_services_and_describes_a_method_over_mtls(
 async def test_undecodable_bytes_are_invalid_argument_inside_the_chain(
     mesh: Mesh, caplog: pytest.LogCaptureFixture
 ) -> None:
-    call = mesh.channel.unary_unary(LOGIN)  # raw bytes in, raw bytes out
+    call: Any = mesh.channel.unary_unary(LOGIN)  # raw bytes in, raw bytes out
     with pytest.raises(aio.AioRpcError) as caught:
         await call(b"\x0a\xff\xff\xff\xff\x0f", timeout=5)
     err = caught.value
@@ -117,7 +117,7 @@ async def test_a_request_that_never_arrives_ends_at_the_default_deadline(
 
             # A unary method called as a stream that never sends its message (and sets no
             # deadline of its own): the server must end it at its default deadline.
-            call = mesh.channel.stream_unary(LOGIN)
+            call: Any = mesh.channel.stream_unary(LOGIN)
             started = time.monotonic()
             with pytest.raises(aio.AioRpcError) as caught:
                 await asyncio.wait_for(call(nothing()), timeout=10)
@@ -132,7 +132,7 @@ async def test_a_short_caller_deadline_still_gets_the_request_id(mesh: Mesh) -> 
         await asyncio.sleep(1)
         yield b""
 
-    call = mesh.channel.stream_unary(LOGIN)
+    call: Any = mesh.channel.stream_unary(LOGIN)
     with pytest.raises(aio.AioRpcError) as caught:
         await call(slow(), timeout=0.3)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
