@@ -10,7 +10,7 @@ from learnmesh.kernel.errors import FailedPrecondition, InvalidArgument
 from services.auth import mfa, store
 from services.auth.deps import Deps
 from services.auth.second_factor import BAD_MFA_CODE, SecondFactor
-from services.auth.signin import Throttle
+from services.auth.throttle import Throttle
 
 
 @dataclass(frozen=True)
@@ -65,22 +65,16 @@ class MfaSettings:
             row = await store.mfa_of(session, caller.user_id)
         if credentials is None or row is None or not row.enabled:
             raise FailedPrecondition("MFA is not on", reason="MFA_NOT_ENABLED")
-        await self.throttle.check(
+        guess = await self.throttle.reserve(
             credentials.email, address, event="mfa.code_rejected", subject=caller.user_id
         )
-        if not await self.second_factor.accept_code(row, code):
-            async with deps.transaction() as session:
-                await store.add_attempt(
-                    session,
-                    credentials.email,
-                    address,
-                    succeeded=False,
-                    prune_before=self.throttle.window_start(),
-                )
-                await audit.record(
-                    session, store.audit, "mfa.code_rejected", caller.user_id, action="disable"
-                )
-            raise InvalidArgument.field("code", BAD_MFA_CODE)
+        try:
+            if not await self.second_factor.accept_code(row, code):
+                self.throttle.failed(guess)
+                await deps.audit_now("mfa.code_rejected", caller.user_id, action="disable")
+                raise InvalidArgument.field("code", BAD_MFA_CODE)
+        finally:
+            await self.throttle.give_back(guess)
         async with deps.transaction() as session:
             await store.delete_mfa(session, caller.user_id)
             await audit.record(session, store.audit, "mfa.disabled", caller.user_id)

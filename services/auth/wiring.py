@@ -17,7 +17,8 @@ from services.auth.passwords import Passwords
 from services.auth.registration import Registration
 from services.auth.second_factor import SecondFactor
 from services.auth.sessions import Sessions
-from services.auth.signin import SignIn, Throttle
+from services.auth.signin import SignIn
+from services.auth.throttle import Throttle
 from services.auth.tokens import Tokens
 from services.auth.users import UserDirectory
 
