@@ -31,7 +31,10 @@ def audit_table(name: str, metadata: MetaData) -> Table:
         # The user who caused it, when not the subject (an admin changing a role).
         Column("actor", String(64), nullable=False, default=""),
         Column("client_address", String(64), nullable=False, default=""),
+        # The caller's request id (x-request-id) when it sent one, else the server's call id.
         Column("request_id", String(128), nullable=False, default=""),
+        # The id the server made for the call: unique, whatever the caller sent.
+        Column("call_id", String(64), nullable=False, default="", server_default=""),
         # Extra facts as JSON; never secrets, passwords or tokens.
         Column("details", Text, nullable=False, default="{}"),
     )
@@ -63,8 +66,9 @@ async def record(
     actor: str = "",
     **details: Any,
 ) -> None:
-    """Adds one event, with the current call's address and request id, in ``session``'s
-    transaction (so it commits or rolls back with the change it describes)."""
+    """Adds one event, with the current call's address, the caller's request id and the
+    server's call id, in ``session``'s transaction (so it commits or rolls back with the
+    change it describes)."""
     call = principal.call_info()
     await session.execute(
         insert(table).values(
@@ -75,6 +79,7 @@ async def record(
             actor=actor,
             client_address=call.client_address,
             request_id=call.request_id,
+            call_id=call.call_id,
             details=json.dumps(details, sort_keys=True, default=str),
         )
     )

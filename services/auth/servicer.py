@@ -1,4 +1,4 @@
-"""gRPC in and out for AuthService: protos become ``Accounts`` calls and back, nothing more.
+"""gRPC in and out for AuthService: protos become use-case calls and back, nothing more.
 
 Access policy and request validation already ran in the server chain (from the proto's
 options), so nothing here checks the caller or the shape of a request.
@@ -14,8 +14,8 @@ from grpc import aio
 
 from learnmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from learnmesh.service import Runtime
-from services.auth import accounts
-from services.auth.accounts import Accounts
+from services.auth import wiring
+from services.auth.wiring import AuthRules
 
 TOKEN_TYPE = "Bearer"
 
@@ -27,13 +27,15 @@ def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
 
 
 class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
-    def __init__(self, rules: Accounts) -> None:
+    def __init__(self, rules: AuthRules) -> None:
         self.rules = rules
 
     async def Register(
         self, request: auth_pb2.RegisterRequest, context: aio.ServicerContext[Any, Any]
     ) -> auth_pb2.RegisterResponse:
-        signed_in = await self.rules.register(request.email, request.password, request.display_name)
+        signed_in = await self.rules.registration.register(
+            request.email, request.password, request.display_name
+        )
         return auth_pb2.RegisterResponse(
             user=signed_in.user,
             access_token=signed_in.access_token,
@@ -45,7 +47,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     async def Login(
         self, request: auth_pb2.LoginRequest, context: aio.ServicerContext[Any, Any]
     ) -> auth_pb2.LoginResponse:
-        signed_in = await self.rules.login(request.email, request.password, request.mfa_code)
+        signed_in = await self.rules.signin.login(request.email, request.password, request.mfa_code)
         return auth_pb2.LoginResponse(
             user=signed_in.user,
             access_token=signed_in.access_token,
@@ -57,7 +59,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     async def Refresh(
         self, request: auth_pb2.RefreshRequest, context: aio.ServicerContext[Any, Any]
     ) -> auth_pb2.RefreshResponse:
-        signed_in = await self.rules.refresh(request.refresh_token)
+        signed_in = await self.rules.sessions.refresh(request.refresh_token)
         return auth_pb2.RefreshResponse(
             access_token=signed_in.access_token,
             refresh_token=signed_in.refresh_token,
@@ -68,13 +70,13 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     async def Logout(
         self, request: auth_pb2.LogoutRequest, context: aio.ServicerContext[Any, Any]
     ) -> auth_pb2.LogoutResponse:
-        revoked = await self.rules.logout(request.refresh_token, request.all_sessions)
+        revoked = await self.rules.sessions.logout(request.refresh_token, request.all_sessions)
         return auth_pb2.LogoutResponse(revoked_sessions=revoked)
 
     async def ListSessions(
         self, request: auth_pb2.ListSessionsRequest, context: aio.ServicerContext[Any, Any]
     ) -> auth_pb2.ListSessionsResponse:
-        sessions = await self.rules.list_sessions()
+        sessions = await self.rules.sessions.list_sessions()
         return auth_pb2.ListSessionsResponse(
             sessions=[
                 auth_pb2.Session(
@@ -93,13 +95,13 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     async def RevokeSession(
         self, request: auth_pb2.RevokeSessionRequest, context: aio.ServicerContext[Any, Any]
     ) -> auth_pb2.RevokeSessionResponse:
-        await self.rules.revoke_session(request.session_id)
+        await self.rules.sessions.revoke_session(request.session_id)
         return auth_pb2.RevokeSessionResponse()
 
     async def EnrollMfa(
         self, request: auth_pb2.EnrollMfaRequest, context: aio.ServicerContext[Any, Any]
     ) -> auth_pb2.EnrollMfaResponse:
-        enrolment = await self.rules.enroll_mfa()
+        enrolment = await self.rules.mfa.enroll()
         return auth_pb2.EnrollMfaResponse(
             secret=enrolment.secret, otpauth_uri=enrolment.otpauth_uri
         )
@@ -107,38 +109,38 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     async def ConfirmMfa(
         self, request: auth_pb2.ConfirmMfaRequest, context: aio.ServicerContext[Any, Any]
     ) -> auth_pb2.ConfirmMfaResponse:
-        await self.rules.confirm_mfa(request.code)
+        await self.rules.mfa.confirm(request.code)
         return auth_pb2.ConfirmMfaResponse()
 
     async def DisableMfa(
         self, request: auth_pb2.DisableMfaRequest, context: aio.ServicerContext[Any, Any]
     ) -> auth_pb2.DisableMfaResponse:
-        await self.rules.disable_mfa(request.code)
+        await self.rules.mfa.disable(request.code)
         return auth_pb2.DisableMfaResponse()
 
     async def RequestPasswordReset(
         self, request: auth_pb2.RequestPasswordResetRequest, context: aio.ServicerContext[Any, Any]
     ) -> auth_pb2.RequestPasswordResetResponse:
-        await self.rules.request_password_reset(request.email)
+        await self.rules.resets.request(request.email)
         return auth_pb2.RequestPasswordResetResponse()
 
     async def ResetPassword(
         self, request: auth_pb2.ResetPasswordRequest, context: aio.ServicerContext[Any, Any]
     ) -> auth_pb2.ResetPasswordResponse:
-        await self.rules.reset_password(request.token, request.new_password)
+        await self.rules.resets.reset(request.token, request.new_password)
         return auth_pb2.ResetPasswordResponse()
 
     async def GetJwks(
         self, request: auth_pb2.GetJwksRequest, context: aio.ServicerContext[Any, Any]
     ) -> auth_pb2.GetJwksResponse:
         return auth_pb2.GetJwksResponse(
-            keys=[auth_pb2.Jwk(**jwk) for jwk in await self.rules.jwks()]
+            keys=[auth_pb2.Jwk(**jwk) for jwk in await self.rules.introspection.jwks()]
         )
 
     async def IntrospectToken(
         self, request: auth_pb2.IntrospectTokenRequest, context: aio.ServicerContext[Any, Any]
     ) -> auth_pb2.IntrospectTokenResponse:
-        found = await self.rules.introspect(request.token)
+        found = await self.rules.introspection.introspect(request.token)
         if not found.active:
             return auth_pb2.IntrospectTokenResponse(active=False)
         return auth_pb2.IntrospectTokenResponse(
@@ -155,4 +157,4 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
 
 
 async def create(runtime: Runtime) -> AuthServicer:
-    return AuthServicer(await accounts.build(runtime))
+    return AuthServicer(await wiring.build(runtime))

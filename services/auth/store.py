@@ -458,18 +458,19 @@ async def add_attempt(
     *,
     succeeded: bool,
     prune_before: datetime,
-) -> None:
+) -> str:
     """Records one login attempt and drops this email's and address's attempts that have
-    left the throttling window (the audit table keeps the history)."""
+    left the throttling window (the audit table keeps the history); returns its id."""
     await session.execute(
         delete(LoginAttempt).where(
             LoginAttempt.at < prune_before,
             or_(LoginAttempt.email == email, LoginAttempt.client_address == client_address),
         )
     )
+    attempt_id = new_id()
     session.add(
         LoginAttempt(
-            id=new_id(),
+            id=attempt_id,
             email=email,
             client_address=client_address[:64],
             at=utcnow(),
@@ -477,6 +478,19 @@ async def add_attempt(
         )
     )
     await session.flush()
+    return attempt_id
+
+
+async def mark_attempt_succeeded(session: AsyncSession, attempt_id: str) -> None:
+    """Turns a reserved attempt (counted as a failure until now) into a success."""
+    await session.execute(
+        update(LoginAttempt).where(LoginAttempt.id == attempt_id).values(succeeded=True)
+    )
+
+
+async def delete_attempt(session: AsyncSession, attempt_id: str) -> None:
+    """Gives a reserved attempt back: it was not a wrong guess."""
+    await session.execute(delete(LoginAttempt).where(LoginAttempt.id == attempt_id))
 
 
 async def email_failures_since(

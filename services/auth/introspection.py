@@ -1,0 +1,50 @@
+"""Token facts for the mesh: the JWK Set, and whether an access token is good right now.
+
+Other services verify access tokens locally against the JWKS; IntrospectToken adds what a
+signature cannot tell, that the token's session has not been revoked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.auth import store
+from services.auth.deps import Deps
+from services.auth.keys import KeyRing
+
+
+@dataclass(frozen=True)
+class TokenFacts:
+    active: bool
+    subject: str = ""
+    roles: tuple[str, ...] = ()
+    tier: str = ""
+    expires_at: int = 0
+    session_id: str = ""
+
+
+class Introspection:
+    def __init__(self, deps: Deps, keys: KeyRing) -> None:
+        self.deps = deps
+        self.keys = keys
+
+    async def jwks(self) -> list[dict[str, str]]:
+        return await self.keys.jwks()
+
+    async def introspect(self, token: str) -> TokenFacts:
+        """Whether the access token is good now, its session included; never an error."""
+        verified = await self.deps.tokens.verify(token)
+        if verified is None:
+            return TokenFacts(active=False)
+        async with self.deps.transaction() as session:
+            owner = await store.session_by_id(session, verified.session_id)
+        if owner is None or owner.revoked_at is not None or owner.user_id != verified.subject:
+            return TokenFacts(active=False)
+        return TokenFacts(
+            active=True,
+            subject=verified.subject,
+            roles=verified.roles,
+            tier=verified.tier,
+            expires_at=verified.expires_at,
+            session_id=verified.session_id,
+        )

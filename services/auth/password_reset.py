@@ -1,0 +1,108 @@
+"""Password reset: a single-use token mailed to the account, then a new password with it.
+
+Whether an account has the email must not show, neither in the answer nor in its timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from datetime import timedelta
+from typing import Any
+
+from learnmesh import audit
+from learnmesh.db import utcnow
+from learnmesh.kernel.errors import InvalidArgument
+from learnmesh.mail import Mailer
+from services.auth import store
+from services.auth.deps import Deps
+from services.auth.sessions import revoke
+from services.auth.tokens import digest, new_refresh_token
+
+log = logging.getLogger("learnmesh.auth")
+
+BAD_RESET_TOKEN = "the reset token is invalid or has expired"
+RESET_SUBJECT = "Reset your learnmesh password"
+
+
+class PasswordResets:
+    def __init__(self, deps: Deps, mailer: Mailer) -> None:
+        self.deps = deps
+        self.mailer = mailer
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def request(self, email: str) -> None:
+        """Mails a reset token when an active account has ``email``; says nothing either way."""
+        deps = self.deps
+        email = email.lower()
+        token = ""
+        async with deps.transaction() as session:
+            credentials = await store.credentials_by_email(session, email)
+            if credentials is None or credentials.status != store.ACTIVE:
+                return
+            hour_ago = utcnow() - timedelta(hours=1)
+            recent = await store.count_resets_since(session, credentials.user_id, hour_ago)
+            if recent >= deps.settings.reset_requests_per_hour:
+                log.info("password-reset request ignored: hourly limit reached for an account")
+                return
+            token, token_hash = new_refresh_token()
+            expires_at = utcnow() + timedelta(seconds=deps.settings.reset_token_ttl)
+            await store.add_reset(session, credentials.user_id, token_hash, expires_at)
+            await audit.record(
+                session, store.audit, "password_reset.requested", credentials.user_id
+            )
+        # After the commit, and off the answer's path: the caller must not be able to tell
+        # from the timing whether a mail was written.
+        self._in_background(self._mail(email, token), "the password-reset mail")
+
+    async def _mail(self, email: str, token: str) -> None:
+        settings = self.deps.settings
+        link = f"{settings.public_url.rstrip('/')}/reset-password?token={token}"
+        minutes = max(settings.reset_token_ttl // 60, 1)
+        body = (
+            "Someone asked to reset the password of your learnmesh account.\n\n"
+            f"To choose a new password, open this link within {minutes} minutes:\n"
+            f"{link}\n\n"
+            "Or enter this token where you asked for the reset:\n"
+            f"Token: {token}\n\n"
+            "If you did not ask for this, ignore this mail: your password stays as it is.\n"
+        )
+        await self.mailer.send(email, RESET_SUBJECT, body)
+
+    def _in_background(self, work: Coroutine[Any, Any, None], what: str) -> None:
+        async def run() -> None:
+            try:
+                await work
+            except Exception:
+                log.exception("could not write %s", what)
+
+        task = asyncio.create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def reset(self, token: str, new_password: str) -> None:
+        """Sets the new password with a single-use token and ends every session."""
+        deps = self.deps
+        async with deps.transaction() as session:
+            found = await store.usable_reset(session, digest(token))
+        if found is None:
+            raise InvalidArgument.field("token", BAD_RESET_TOKEN)
+        new_hash = await deps.passwords.hash(new_password)
+        async with deps.transaction() as session:
+            credentials = await store.credentials_by_user(session, found.user_id)
+            if credentials is None or credentials.status != store.ACTIVE:
+                raise InvalidArgument.field("token", BAD_RESET_TOKEN)
+            if not await store.use_reset(session, found.id):
+                raise InvalidArgument.field("token", BAD_RESET_TOKEN)
+            await store.retire_resets(session, found.user_id)
+            await store.set_password_hash(session, found.user_id, new_hash)
+            revoked = await revoke(session, found.user_id, "password_reset")
+            await audit.record(
+                session, store.audit, "password.reset", found.user_id, sessions_revoked=len(revoked)
+            )
+
+    async def aclose(self) -> None:
+        """Lets background mail writes finish (briefly) when the server stops."""
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=5)
