@@ -54,6 +54,13 @@ class AccessPolicy(ServerLink):
         # Kept by reference: the runtime fills it once the servicers exist.
         self.owner_resolvers = owner_resolvers if owner_resolvers is not None else {}
 
+    def start(self) -> None:
+        """Fetches the signing keys now and keeps them fresh (the server starts it)."""
+        self.verifier.keys.start()
+
+    async def aclose(self) -> None:
+        await self.verifier.keys.aclose()
+
     def wrap(self, method: MethodInfo, behavior: Behavior) -> Behavior:
         policy = method.policy
         access = policy.access

@@ -158,6 +158,10 @@ async def start_server(
     names = [d.full_name for d in definitions]
     reflection.enable([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name], chained)
     await server.start()
+    for link in links:
+        start = getattr(link, "start", None)
+        if start is not None:
+            start()  # e.g. the auth link fetching the signing keys before the first call
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return MeshServer(server, health_servicer, bound, host, list(definitions), servicers, links)

@@ -8,6 +8,8 @@ auth service's JWK Set.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
 import time
 from collections import OrderedDict
@@ -15,6 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import jwt
+from grpc import aio
 
 from learnmesh.kernel.errors import Unauthenticated, Unavailable
 from learnmesh.kernel.principal import Principal
@@ -29,48 +32,93 @@ JwksFetch = Callable[[], Awaitable[Sequence[Mapping[str, Any]]]]
 
 
 class JwksCache:
-    """The auth service's public keys, fetched lazily and refetched on an unknown ``kid``.
+    """The auth service's public keys: fetched at start, refreshed in the background, and
+    refetched on an unknown ``kid``.
 
-    Refetches are rate-limited (``min_refetch`` seconds apart) so forged tokens with random
-    ``kid`` values cannot turn into a flood of JWKS calls; a rotation is picked up without a
-    restart. Keys are also refreshed every ``max_age`` seconds so a removed key stops
-    verifying.
+    Fetches never run on a caller's time: each is a task of its own in a fresh context (so
+    no inbound deadline shortens it), shared by every caller waiting for it. A caller whose
+    deadline ends while it waits is cancelled like any other work (DEADLINE_EXCEEDED), and
+    the fetch goes on for the next caller. Refetches are rate-limited (``min_refetch``
+    seconds apart) so forged tokens with random ``kid`` values cannot turn into a flood of
+    JWKS calls; keys are refreshed every ``max_age`` seconds so a removed key stops
+    verifying. UNAVAILABLE only when no key was ever fetched and the last fetch failed.
     """
 
     def __init__(self, fetch: JwksFetch, *, min_refetch: float = 1.0, max_age: float = 300.0):
         self._fetch = fetch
         self._keys: dict[str, Any] = {}
         self._fetched_at = float("-inf")
+        self._tried_at = float("-inf")
         self._min_refetch = min_refetch
         self._max_age = max_age
-        self._lock = asyncio.Lock()
+        self._fetching: asyncio.Task[None] | None = None
+        self._background: asyncio.Task[None] | None = None
+        self._failure = ""
+
+    def start(self) -> None:
+        """Fetches now and keeps the keys fresh in the background until ``aclose``."""
+        if self._background is None:
+            self._background = asyncio.create_task(
+                self._keep_fresh(), name="jwks-refresh", context=contextvars.Context()
+            )
+
+    async def aclose(self) -> None:
+        for task in (self._background, self._fetching):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._background = self._fetching = None
+
+    async def _keep_fresh(self) -> None:
+        delay = 0.2
+        while True:
+            await self._refreshed()
+            if self._keys and time.monotonic() - self._fetched_at < self._max_age:
+                delay = 0.2
+                await asyncio.sleep(self._max_age / 2)
+            else:  # not fetched yet: retry soon, backing off to 30 s
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
     async def key(self, kid: str) -> Any | None:
         now = time.monotonic()
         stale = now - self._fetched_at > self._max_age
-        if (kid not in self._keys or stale) and now - self._fetched_at >= self._min_refetch:
-            await self._refresh()
+        if ((kid not in self._keys or stale) and now - self._tried_at >= self._min_refetch) or (
+            not self._keys and self._fetching is not None
+        ):
+            await self._refreshed()
+        if not self._keys:
+            raise Unavailable(
+                f"cannot verify tokens: no signing keys from the auth service yet ({self._failure})"
+            )
         return self._keys.get(kid)
 
+    async def _refreshed(self) -> None:
+        """Waits for the current fetch (starting one when none runs)."""
+        task = self._fetching
+        if task is None or task.done():
+            self._tried_at = time.monotonic()
+            task = self._fetching = asyncio.create_task(
+                self._refresh(), name="jwks-fetch", context=contextvars.Context()
+            )
+        await asyncio.shield(task)
+
     async def _refresh(self) -> None:
-        async with self._lock:
-            if time.monotonic() - self._fetched_at < self._min_refetch:
-                return  # another task refreshed while we waited
-            try:
-                jwks = await self._fetch()
-            except Exception as exc:
-                log.warning("could not fetch the JWKS: %s", exc)
-                if not self._keys:
-                    raise Unavailable(
-                        "cannot verify tokens: the auth service is unreachable"
-                    ) from None
-                return
-            keys: dict[str, Any] = {}
-            for jwk in jwks:
-                if jwk.get("alg") == ALGORITHM and jwk.get("kid"):
-                    keys[jwk["kid"]] = jwt.PyJWK(dict(jwk), ALGORITHM).key
-            self._keys = keys
-            self._fetched_at = time.monotonic()
+        try:
+            jwks = await self._fetch()
+        except Exception as exc:
+            code = exc.code() if isinstance(exc, aio.AioRpcError) else None
+            self._failure = code.name if code is not None else type(exc).__name__
+            log.warning("could not fetch the JWKS: %s", self._failure)
+            return
+        keys: dict[str, Any] = {}
+        for jwk in jwks:
+            if jwk.get("alg") == ALGORITHM and jwk.get("kid"):
+                keys[jwk["kid"]] = jwt.PyJWK(dict(jwk), ALGORITHM).key
+        self._keys = keys
+        self._fetched_at = time.monotonic()
+        self._failure = ""
 
 
 async def verified_claims(
