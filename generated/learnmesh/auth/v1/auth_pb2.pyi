@@ -5,6 +5,7 @@ from buf.validate import validate_pb2 as _validate_pb2
 from google.api import annotations_pb2 as _annotations_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from learnmesh.common.v1 import access_pb2 as _access_pb2
+from learnmesh.common.v1 import text_pb2 as _text_pb2
 from learnmesh.user.v1 import user_pb2 as _user_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor

@@ -8,6 +8,7 @@ from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from learnmesh.common.v1 import access_pb2 as _access_pb2
 from learnmesh.common.v1 import common_pb2 as _common_pb2
+from learnmesh.common.v1 import text_pb2 as _text_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
