@@ -18,10 +18,14 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from learnmesh import certs, config, probe, tls
 from learnmesh.db import Database
 from learnmesh.service import IMPLEMENTED, definition
+
+if TYPE_CHECKING:
+    from services.user.profiles import RoleChange
 
 log = logging.getLogger("learnmesh")
 
@@ -116,6 +120,50 @@ async def _migrate(settings: config.Settings, names: Sequence[str]) -> None:
         await db.dispose()
 
 
+async def promote(settings: config.Settings, email: str, role: str) -> RoleChange:
+    """`learnmesh users promote`: gives the user with ``email`` the role, in the configured
+    database (opened here, as `learnmesh migrate` does), audited with actor "operator"."""
+    from services.user.profiles import Profiles
+
+    db = Database(settings.database)
+    try:
+        return await Profiles(db).promote(email, role)
+    finally:
+        await db.dispose()
+
+
+def _promote(settings: config.Settings, args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import DBAPIError
+
+    from learnmesh.kernel.errors import DomainError
+
+    database = Database(settings.database).url.render_as_string(hide_password=True)
+    try:
+        change = asyncio.run(promote(settings, args.email, args.role))
+    except DomainError as exc:  # no such user, the last admin, a role the contract lacks
+        print(f"learnmesh: {exc.message}", file=sys.stderr)
+        return 1
+    except (DBAPIError, OSError) as exc:
+        cause = str(getattr(exc, "orig", None) or exc).splitlines()[0][:200]
+        print(
+            f"learnmesh: cannot change the role in {database} ({cause}); is the database "
+            "reachable and migrated (`learnmesh migrate user`)?",
+            file=sys.stderr,
+        )
+        return 1
+    user = change.profile
+    if not change.changed:
+        print(f"{user.email} (user {user.id}) already has the role {user.role}; nothing changed")
+        return 0
+    print(
+        f"{user.email} (user {user.id}): role {change.old_role} -> {user.role}, recorded in "
+        "user_audit with actor operator. Their next sign-in or token refresh carries it; "
+        f"access tokens issued before keep the old role until they expire (at most "
+        f"{settings.auth.access_token_ttl} s)."
+    )
+    return 0
+
+
 def _certs(settings: config.Settings, args: argparse.Namespace) -> int:
     directory = Path(args.dir) if args.dir else tls.certs_dir(settings)
     domain = settings.tls.trust_domain
@@ -166,6 +214,18 @@ def _parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser("migrate", help="bring the database to the newest schema")
     migrate.add_argument("services", nargs="*", help="default: every implemented service")
 
+    from learnmesh.user.v1 import user_pb2
+
+    # The contract's roles by lower-case name (services.user.profiles.ROLES).
+    roles = [n.removeprefix("ROLE_").lower() for n in user_pb2.Role.keys()[1:]]
+    users = commands.add_parser("users", help="manage users directly in the database")
+    users_commands = users.add_subparsers(dest="users_command", required=True)
+    promote_parser = users_commands.add_parser(
+        "promote", help="give a registered user a role (how the first admin comes to be)"
+    )
+    promote_parser.add_argument("email", help="the email the user registered with")
+    promote_parser.add_argument("--role", required=True, choices=roles)
+
     certs_parser = commands.add_parser("certs", help="the mesh CA and its certificates")
     certs_commands = certs_parser.add_subparsers(dest="certs_command", required=True)
     for name, help_text in (("init", "make the mesh CA"), ("issue", "issue a certificate")):
@@ -207,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if args.command == "certs":
         return _certs(settings, args)
+    if args.command == "users" and args.users_command == "promote":
+        return _promote(settings, args)
     if getattr(args, "insecure", False):
         settings = dataclasses.replace(
             settings, tls=dataclasses.replace(settings.tls, enabled=False)

@@ -245,17 +245,6 @@ class AuthSettings:
 
 
 @dataclass(frozen=True)
-class UserSettings:
-    # Emails whose profiles are created with the admin role (comma-separated): how the
-    # first admin of a new installation comes to be.
-    admin_emails: str = ""
-
-    @property
-    def admins(self) -> frozenset[str]:
-        return frozenset(e.strip().lower() for e in self.admin_emails.split(",") if e.strip())
-
-
-@dataclass(frozen=True)
 class Settings:
     # Everything the embedded defaults write: SQLite file, keys, mail, certificates.
     var_dir: str = "var"
@@ -273,7 +262,6 @@ class Settings:
     notification_address: str = field(default="", metadata=_check(_address))
     server: ServerSettings = field(default_factory=ServerSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
-    user: UserSettings = field(default_factory=UserSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
     deadlines: DeadlineSettings = field(default_factory=DeadlineSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
@@ -377,4 +365,26 @@ def load(
             raise ConfigError(f"config file {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path}: not valid TOML ({exc})") from None
+    _refuse_removed(values, env)
     return typing.cast(Settings, _build(Settings, values, env, ""))
+
+
+# Settings that existed once and now stop start-up, so that a deployment still counting on
+# one learns what replaced it instead of silently losing it.
+REMOVED = {
+    "user.admin_emails": (
+        "removed: registering an address no longer makes an admin; an operator makes one "
+        "with `learnmesh users promote EMAIL --role admin`"
+    ),
+}
+
+
+def _refuse_removed(values: Mapping[str, Any], env: Mapping[str, str]) -> None:
+    for key, why in REMOVED.items():
+        section, name = key.split(".")
+        env_name = PREFIX + key.replace(".", "_").upper()
+        table = values.get(section)
+        if env_name in env:
+            raise ConfigError(f"{env_name}: {why}")
+        if isinstance(table, Mapping) and name in table:
+            raise ConfigError(f"{key}: {why}")

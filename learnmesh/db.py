@@ -88,6 +88,22 @@ class Database:
         async with self.sessions() as session, session.begin():
             yield session
 
+    @asynccontextmanager
+    async def write_transaction(self) -> AsyncIterator[AsyncSession]:
+        """A transaction that reads in order to decide a write (a check-then-act rule).
+
+        On PostgreSQL the same as ``transaction()``: its queries lock what they read with
+        ``with_for_update()``. SQLite ignores FOR UPDATE and its driver begins a transaction
+        only at the first write, so two such transactions could both read the same rows and
+        both write; here the transaction starts with BEGIN IMMEDIATE, which takes the
+        database's write lock first, so they run one after the other (the second waits up
+        to busy_timeout, then reads what the first committed).
+        """
+        async with self.sessions() as session, session.begin():
+            if not self.is_postgres:
+                await session.execute(text("BEGIN IMMEDIATE"))
+            yield session
+
     async def ping(self) -> None:
         async with self.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))

@@ -20,7 +20,7 @@ import grpc
 import pytest
 from grpc import aio
 
-from learnmesh import certs, config, tls
+from learnmesh import certs, cli, config, tls
 from learnmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from learnmesh.server import MeshServer, build_runtime, start_server
 from learnmesh.service import Runtime, definition
@@ -43,7 +43,8 @@ GENEROUS_LIMITS: dict[str, Any] = {
         "password_reset_per_hour",
     )
 }
-# Registering with this email makes an admin (Settings.user.admin_emails).
+# Mesh.register makes the account of this email an admin the way an operator does
+# (`learnmesh users promote EMAIL --role admin`): registering it alone makes no admin.
 ADMIN_EMAIL = "admin@example.com"
 
 
@@ -88,7 +89,6 @@ def mesh_settings(tmp: Path, database_url: str, **auth: Any) -> config.Settings:
         database_url=database_url,
         server=replace(base.server, port=0, grace=0.5),
         auth=replace(base.auth, throttle_per_address=1000, **auth),
-        user=replace(base.user, admin_emails=ADMIN_EMAIL),
         # Generous limits (the link still counts every call): suites log in many times from
         # 127.0.0.1. tests/test_ratelimit.py and the login-flood test use the real ones.
         limits=replace(base.limits, **GENEROUS_LIMITS),
@@ -147,13 +147,34 @@ class Mesh:
     async def register(
         self, email: str | None = None, password: str = PASSWORD, name: str = "Test User"
     ) -> auth_pb2.RegisterResponse:
+        """Registers an account; ADMIN_EMAIL's is then made admin (see ``make_admin``)."""
         email = email or f"user-{uuid.uuid4().hex[:10]}@example.com"
         response: auth_pb2.RegisterResponse = await self.auth.Register(
             auth_pb2.RegisterRequest(
                 email=email, password=password, display_name=name, accepted_terms=True
             )
         )
+        if email == ADMIN_EMAIL:
+            return await self.make_admin(email, password)
         return response
+
+    async def promote(self, email: str, role: str) -> None:
+        """What `learnmesh users promote EMAIL --role ROLE` does, on this mesh's database."""
+        await cli.promote(self.settings, email, role)
+
+    async def make_admin(self, email: str, password: str = PASSWORD) -> auth_pb2.RegisterResponse:
+        """Promotes the account to admin as an operator would, then signs in again: roles
+        reach access tokens at sign-in and refresh. Answers like Register, with the new
+        tokens."""
+        await self.promote(email, "admin")
+        login = await self.auth.Login(auth_pb2.LoginRequest(email=email, password=password))
+        return auth_pb2.RegisterResponse(
+            user=login.user,
+            access_token=login.access_token,
+            refresh_token=login.refresh_token,
+            expires_in=login.expires_in,
+            token_type=login.token_type,
+        )
 
 
 @asynccontextmanager

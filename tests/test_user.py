@@ -94,7 +94,7 @@ async def exists(mesh: Mesh, user_id: str) -> bool:
 
 @pytest.fixture(scope="module")
 async def admin(mesh: Mesh) -> auth_pb2.RegisterResponse:
-    """The module's admin (ADMIN_EMAIL is in Settings.user.admin_emails), registered once."""
+    """The module's admin: registered, then promoted as an operator does (Mesh.make_admin)."""
     return await mesh.register(email=ADMIN_EMAIL, name="The Admin")
 
 
@@ -127,8 +127,14 @@ async def test_register_creates_profile_with_defaults_and_get_me_returns_it(
     assert me.updated_at == me.created_at
 
 
-async def test_admin_email_gets_admin_role(admin: auth_pb2.RegisterResponse) -> None:
+async def test_the_admin_fixture_is_promoted_by_the_operator_path(
+    mesh: Mesh, admin: auth_pb2.RegisterResponse
+) -> None:
     assert admin.user.role == user_pb2.ROLE_ADMIN
+    rows = await audit_rows(mesh, admin.user.id, "role.changed")
+    assert [(r.actor, json.loads(r.details)) for r in rows] == [
+        ("operator", {"new": "admin", "old": "free_user", "via": "cli"})
+    ]
 
 
 async def test_get_me_without_token_is_unauthenticated(mesh: Mesh) -> None:
@@ -565,9 +571,11 @@ async def test_the_last_admin_keeps_the_admin_role(
     assert "last admin" in (err.details() or "")
     me = (await mesh.user.GetMe(user_pb2.GetMeRequest(), metadata=auth)).user
     assert me.role == user_pb2.ROLE_ADMIN
-    events = [r[0] for r in await audit_rows(mesh, admin.user.id)]
-    assert "role.changed" not in events
-    assert "user.deleted" not in events
+    rows = await audit_rows(mesh, admin.user.id)
+    # The operator's promotion only: the refused changes left no trace.
+    assert [(r.event, r.actor) for r in rows if r.event != "user.created"] == [
+        ("role.changed", "operator")
+    ]
 
 
 # --- DeleteUser ----------------------------------------------------------------------------

@@ -18,7 +18,7 @@ async def create(runtime: Runtime) -> UserServicer:
     from services.user.profiles import Profiles
     from services.user.servicer import UserServicer
 
-    return UserServicer(Profiles(runtime.db, runtime.settings), runtime.clients)
+    return UserServicer(Profiles(runtime.db), runtime.clients)
 
 
 SERVICE = ServiceDefinition(

@@ -3,6 +3,14 @@
 Plain Python in and out (roles, tiers, themes and channels by lower-case name), so the
 rules read without protobuf; ``servicer.py`` converts. Every change runs in one
 transaction with the audit row that describes it.
+
+Human text arrives normalised (NFC) and free of control and invisible characters: the
+contract's rules (protos/learnmesh/common/v1/text.proto) and the validation link see to
+it before a handler runs. Rules that are also reached without a call (``promote``, the
+operator's command) normalise their own input.
+
+The first admin of an installation is made by an operator, ``learnmesh users promote
+EMAIL --role admin`` (``promote``), never by registering a particular address.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import binascii
 import dataclasses
 import hashlib
 import json
+import unicodedata
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +30,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from learnmesh import audit
-from learnmesh.config import Settings
 from learnmesh.db import Database, utcnow
 from learnmesh.kernel.errors import (
     AlreadyExists,
@@ -33,6 +41,10 @@ from learnmesh.kernel.errors import (
 from services.user import store
 
 ADMIN = "admin"
+# The roles of the contract (learnmesh.user.v1.Role), by lower-case name.
+ROLES = ("admin", "instructor", "moderator", "subscriber", "free_user")
+# The actor of changes made with the operator's command rather than by a user.
+OPERATOR = "operator"
 DEFAULT_ROLE = "free_user"
 DEFAULT_TIER = "free"
 DEFAULT_PAGE_SIZE = 20
@@ -44,6 +56,9 @@ PREFERENCE_PATHS = {
     "preferences.notification_channels": "notification_channels",
 }
 UPDATABLE_PATHS = ("display_name", "bio", "preferences", *PREFERENCE_PATHS)
+# An unknown mask path is echoed back at most this long, and at most this many of them.
+ECHOED_PATH_LENGTH = 40
+ECHOED_PATHS = 3
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MICROSECOND = timedelta(microseconds=1)
 
@@ -119,6 +134,16 @@ class ProfileChanges:
 
 
 @dataclass(frozen=True)
+class RoleChange:
+    profile: Profile
+    old_role: str
+
+    @property
+    def changed(self) -> bool:
+        return self.profile.role != self.old_role
+
+
+@dataclass(frozen=True)
 class Page:
     profiles: list[Profile]
     next_page_token: str
@@ -136,6 +161,17 @@ class AvatarFile:
 
 # Looks a file up in the file service on behalf of the caller (raises domain errors).
 FileLookup = Callable[[str], Awaitable[AvatarFile]]
+
+
+def normal_email(email: str) -> str:
+    """The stored form of an email: NFKC, no surrounding spaces, lower-case (as the auth
+    service stores it; the validation link has already applied NFKC to emails in calls)."""
+    return unicodedata.normalize("NFKC", email).strip().lower()
+
+
+def _echo(path: str) -> str:
+    shown = path if len(path) <= ECHOED_PATH_LENGTH else path[:ECHOED_PATH_LENGTH] + "…"
+    return repr(shown)
 
 
 def _fingerprint(*parts: str) -> str:
@@ -174,20 +210,19 @@ def decode_page_token(token: str, role: str, text: str) -> tuple[datetime, str]:
 class Profiles:
     """The rules of the user service over its store."""
 
-    def __init__(self, db: Database, settings: Settings) -> None:
+    def __init__(self, db: Database) -> None:
         self.db = db
-        self.settings = settings
 
     async def create(self, user_id: str, email: str, display_name: str) -> Profile:
         """Creates a profile; a retry with the same id and email returns it unchanged."""
-        email = email.strip().lower()
+        email = normal_email(email)
         try:
             async with self.db.transaction() as session:
                 existing = await self._retry_or_conflict(session, user_id, email)
                 if existing is not None:
                     return existing
                 now = utcnow()
-                role = ADMIN if email in self.settings.user.admins else DEFAULT_ROLE
+                role = DEFAULT_ROLE
                 row = store.ProfileRow(
                     id=user_id,
                     email=email,
@@ -248,14 +283,14 @@ class Profiles:
             )
         unknown = [p for p in masked if p not in UPDATABLE_PATHS]
         if unknown:
-            raise InvalidArgument(
-                [
-                    FieldViolation(
-                        "update_mask",
-                        f"{p!r} cannot be changed; allowed: {', '.join(UPDATABLE_PATHS)}",
-                    )
-                    for p in unknown
-                ]
+            # One violation naming a few of them, each cut short: the error must stay
+            # readable however many paths (or however long ones) the caller sent.
+            named = ", ".join(_echo(p) for p in unknown[:ECHOED_PATHS])
+            if len(unknown) > ECHOED_PATHS:
+                named += f" and {len(unknown) - ECHOED_PATHS} more"
+            raise InvalidArgument.field(
+                "update_mask",
+                f"{named} cannot be changed; allowed: {', '.join(UPDATABLE_PATHS)}",
             )
         self._check_masked_values(changes, masked)
         async with self.db.transaction() as session:
@@ -315,30 +350,69 @@ class Profiles:
 
     async def set_role(self, user_id: str, role: str, *, actor: str) -> Profile:
         """Gives ``user_id`` the role; never leaves the platform without an admin."""
-        async with self.db.transaction() as session:
+        # A write transaction: on SQLite two admins demoting each other at once would both
+        # see the other as the spare admin otherwise (FOR UPDATE locks only on PostgreSQL).
+        async with self.db.write_transaction() as session:
             admins = await store.lock_ids_with_role(session, ADMIN)
             row = await store.get(session, user_id, for_update=True)
             if row is None:
                 raise NotFound(f"no user {user_id}")
-            old = row.role
-            if old == role:
-                return Profile.of(row)
-            if old == ADMIN and admins == [user_id]:
-                raise FailedPrecondition(
-                    "this user is the last admin; make another user admin first",
-                    reason="LAST_ADMIN",
-                )
-            row.role = role
-            row.updated_at = utcnow()
-            await session.flush()
-            await audit.record(
-                session, store.user_audit, "role.changed", user_id, actor=actor, old=old, new=role
-            )
+            await self._change_role(session, row, role, admins, actor=actor)
             return Profile.of(row)
+
+    async def promote(self, email: str, role: str, *, actor: str = OPERATOR) -> RoleChange:
+        """Gives the user with ``email`` the role, for the operator's command (``learnmesh
+        users promote``): how the first admin comes to be. Same rules and audit as SetRole,
+        with ``actor`` "operator"."""
+        if role not in ROLES:
+            raise InvalidArgument.field("role", "one of " + ", ".join(ROLES))
+        email = normal_email(email)
+        async with self.db.write_transaction() as session:
+            admins = await store.lock_ids_with_role(session, ADMIN)
+            row = await store.by_email(session, email, for_update=True)
+            if row is None:
+                raise NotFound(f"no user with email {email}")
+            old = row.role
+            await self._change_role(session, row, role, admins, actor=actor, via="cli")
+            return RoleChange(Profile.of(row), old)
+
+    @staticmethod
+    async def _change_role(
+        session: AsyncSession,
+        row: store.ProfileRow,
+        role: str,
+        admins: list[str],
+        *,
+        actor: str,
+        **details: str,
+    ) -> None:
+        """Sets the role of the locked ``row`` (``admins``: the locked admin ids) and
+        records it; nothing when it already has the role."""
+        old = row.role
+        if old == role:
+            return
+        if old == ADMIN and admins == [row.id]:
+            raise FailedPrecondition(
+                "this user is the last admin; make another user admin first",
+                reason="LAST_ADMIN",
+            )
+        row.role = role
+        row.updated_at = utcnow()
+        await session.flush()
+        await audit.record(
+            session,
+            store.user_audit,
+            "role.changed",
+            row.id,
+            actor=actor,
+            old=old,
+            new=role,
+            **details,
+        )
 
     async def delete(self, user_id: str, *, actor: str) -> None:
         """Deletes the profile (the last admin's only once another admin exists)."""
-        async with self.db.transaction() as session:
+        async with self.db.write_transaction() as session:  # see set_role
             admins = await store.lock_ids_with_role(session, ADMIN)
             row = await store.get(session, user_id, for_update=True)
             if row is None:

@@ -56,8 +56,12 @@ async def get(
     return row
 
 
-async def by_email(session: AsyncSession, email: str) -> ProfileRow | None:
+async def by_email(
+    session: AsyncSession, email: str, *, for_update: bool = False
+) -> ProfileRow | None:
     query = select(ProfileRow).where(ProfileRow.email == email)
+    if for_update:
+        query = query.with_for_update()
     row: ProfileRow | None = (await session.execute(query)).scalar_one_or_none()
     return row
 

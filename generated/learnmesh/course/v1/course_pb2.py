@@ -28,51 +28,58 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from learnmesh.common.v1 import access_pb2 as learnmesh_dot_common_dot_v1_dot_access__pb2
+from learnmesh.common.v1 import text_pb2 as learnmesh_dot_common_dot_v1_dot_text__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n learnmesh/course/v1/course.proto\x12\x13learnmesh.course.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a learnmesh/common/v1/access.proto\".\n\nInstructor\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\"\xe9\x02\n\x06\x43ourse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x19\n\x05title\x18\x02 \x01(\tB\n\xbaH\x07r\x05\x10\x05\x18\xc8\x01\x12\x1f\n\x0b\x64\x65scription\x18\x03 \x01(\tB\n\xbaH\x07r\x05\x10\x14\x18\x88\'\x12\x1b\n\x08\x63\x61tegory\x18\x04 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18\x32\x12\x35\n\x05level\x18\x05 \x01(\x0e\x32\x1a.learnmesh.course.v1.LevelB\n\xbaH\x07\x82\x01\x04\x10\x01 \x00\x12\x33\n\ninstructor\x18\x06 \x01(\x0b\x32\x1f.learnmesh.course.v1.Instructor\x12\x14\n\x0clesson_count\x18\x07 \x01(\x05\x12\x18\n\x10\x65nrollment_count\x18\x08 \x01(\x05\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa3\x01\n\x06Lesson\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tcourse_id\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x04 \x01(\t\x12\x10\n\x08position\x18\x05 \x01(\x05\x12\x18\n\x10\x64uration_minutes\x18\x06 \x01(\x05\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa2\x02\n\x12ListCoursesRequest\x12!\n\tpage_size\x18\x01 \x01(\x05\x42\t\xbaH\x06\x1a\x04\x18\x64(\x01H\x00\x88\x01\x01\x12\x1c\n\npage_token\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\x12\x19\n\x08\x63\x61tegory\x18\x03 \x01(\tB\x07\xbaH\x04r\x02\x18\x32\x12\x33\n\x05level\x18\x04 \x01(\x0e\x32\x1a.learnmesh.course.v1.LevelB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x17\n\x06search\x18\x05 \x01(\tB\x07\xbaH\x04r\x02\x18\x64\x12T\n\x08order_by\x18\x06 \x01(\tBB\xbaH?r=R\x00R\ncreated_atR\x0f\x63reated_at descR\x05titleR\x15\x65nrollment_count descB\x0c\n\n_page_size\"\\\n\x13ListCoursesResponse\x12,\n\x07\x63ourses\x18\x01 \x03(\x0b\x32\x1b.learnmesh.course.v1.Course\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"/\n\x10GetCourseRequest\x12\x1b\n\tcourse_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"@\n\x11GetCourseResponse\x12+\n\x06\x63ourse\x18\x01 \x01(\x0b\x32\x1b.learnmesh.course.v1.Course\"\xa5\x01\n\x13\x43reateCourseRequest\x12\x19\n\x05title\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x05\x18\xc8\x01\x12\x1f\n\x0b\x64\x65scription\x18\x02 \x01(\tB\n\xbaH\x07r\x05\x10\x14\x18\x88\'\x12\x1b\n\x08\x63\x61tegory\x18\x03 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18\x32\x12\x35\n\x05level\x18\x04 \x01(\x0e\x32\x1a.learnmesh.course.v1.LevelB\n\xbaH\x07\x82\x01\x04\x10\x01 \x00\"C\n\x14\x43reateCourseResponse\x12+\n\x06\x63ourse\x18\x01 \x01(\x0b\x32\x1b.learnmesh.course.v1.Course\"\xa0\x01\n\x0c\x43ourseUpdate\x12\x1c\n\x05title\x18\x01 \x01(\tB\r\xbaH\nr\x05\x10\x05\x18\xc8\x01\xd8\x01\x01\x12\"\n\x0b\x64\x65scription\x18\x02 \x01(\tB\r\xbaH\nr\x05\x10\x14\x18\x88\'\xd8\x01\x01\x12\x19\n\x08\x63\x61tegory\x18\x03 \x01(\tB\x07\xbaH\x04r\x02\x18\x32\x12\x33\n\x05level\x18\x04 \x01(\x0e\x32\x1a.learnmesh.course.v1.LevelB\x08\xbaH\x05\x82\x01\x02\x10\x01\"\xa6\x01\n\x13UpdateCourseRequest\x12\x1b\n\tcourse_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\x12\x39\n\x06\x63ourse\x18\x02 \x01(\x0b\x32!.learnmesh.course.v1.CourseUpdateB\x06\xbaH\x03\xc8\x01\x01\x12\x37\n\x0bupdate_mask\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x06\xbaH\x03\xc8\x01\x01\"C\n\x14UpdateCourseResponse\x12+\n\x06\x63ourse\x18\x01 \x01(\x0b\x32\x1b.learnmesh.course.v1.Course\"2\n\x13\x44\x65leteCourseRequest\x12\x1b\n\tcourse_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"\x16\n\x14\x44\x65leteCourseResponse\"\x80\x01\n\x12ListLessonsRequest\x12\x1b\n\tcourse_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\x12!\n\tpage_size\x18\x02 \x01(\x05\x42\t\xbaH\x06\x1a\x04\x18\x64(\x01H\x00\x88\x01\x01\x12\x1c\n\npage_token\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\x42\x0c\n\n_page_size\"\\\n\x13ListLessonsResponse\x12,\n\x07lessons\x18\x01 \x03(\x0b\x32\x1b.learnmesh.course.v1.Lesson\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8f\x01\n\x13\x43reateLessonRequest\x12\x1b\n\tcourse_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\x12\x19\n\x05title\x18\x02 \x01(\tB\n\xbaH\x07r\x05\x10\x03\x18\xc8\x01\x12\x1a\n\x07\x63ontent\x18\x03 \x01(\tB\t\xbaH\x06r\x04\x18\xa0\x8d\x06\x12$\n\x10\x64uration_minutes\x18\x04 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xa0\x0b(\x00\"C\n\x14\x43reateLessonResponse\x12+\n\x06lesson\x18\x01 \x01(\x0b\x32\x1b.learnmesh.course.v1.Lesson\",\n\rEnrollRequest\x12\x1b\n\tcourse_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"X\n\x0e\x45nrollResponse\x12\x15\n\renrollment_id\x18\x01 \x01(\t\x12/\n\x0b\x65nrolled_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Q\n\x15\x43ompleteLessonRequest\x12\x1b\n\tcourse_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\x12\x1b\n\tlesson_id\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"I\n\x16\x43ompleteLessonResponse\x12/\n\x08progress\x18\x01 \x01(\x0b\x32\x1d.learnmesh.course.v1.Progress\"\x9d\x01\n\x08Progress\x12\x11\n\tcourse_id\x18\x01 \x01(\t\x12\x19\n\x11\x63ompleted_lessons\x18\x02 \x01(\x05\x12\x15\n\rtotal_lessons\x18\x03 \x01(\x05\x12\x1c\n\x14\x63ompleted_lesson_ids\x18\x04 \x03(\t\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"1\n\x12GetProgressRequest\x12\x1b\n\tcourse_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"F\n\x13GetProgressResponse\x12/\n\x08progress\x18\x01 \x01(\x0b\x32\x1d.learnmesh.course.v1.Progress*^\n\x05Level\x12\x15\n\x11LEVEL_UNSPECIFIED\x10\x00\x12\x12\n\x0eLEVEL_BEGINNER\x10\x01\x12\x16\n\x12LEVEL_INTERMEDIATE\x10\x02\x12\x12\n\x0eLEVEL_ADVANCED\x10\x03\x32\xa2\x0c\n\rCourseService\x12\x82\x01\n\x0bListCourses\x12\'.learnmesh.course.v1.ListCoursesRequest\x1a(.learnmesh.course.v1.ListCoursesResponse\" \x90\x02\x01\xca\xf3\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x11\x12\x0f/api/v1/courses\x12\x88\x01\n\tGetCourse\x12%.learnmesh.course.v1.GetCourseRequest\x1a&.learnmesh.course.v1.GetCourseResponse\",\x90\x02\x01\xca\xf3\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x1d\x12\x1b/api/v1/courses/{course_id}\x12\x98\x01\n\x0c\x43reateCourse\x12(.learnmesh.course.v1.CreateCourseRequest\x1a).learnmesh.course.v1.CreateCourseResponse\"3\xca\xf3\x18\x15\x08\x04\x12\ninstructor\x12\x05\x61\x64min\x82\xd3\xe4\x93\x02\x14\"\x0f/api/v1/courses:\x01*\x12\xa4\x01\n\x0cUpdateCourse\x12(.learnmesh.course.v1.UpdateCourseRequest\x1a).learnmesh.course.v1.UpdateCourseResponse\"?\x90\x02\x02\xca\xf3\x18\r\x08\x03\x1a\tcourse_id\x82\xd3\xe4\x93\x02%2\x1b/api/v1/courses/{course_id}:\x06\x63ourse\x12\x9e\x01\n\x0c\x44\x65leteCourse\x12(.learnmesh.course.v1.DeleteCourseRequest\x1a).learnmesh.course.v1.DeleteCourseResponse\"9\x90\x02\x02\xca\xf3\x18\x0f\x08\x03\x1a\tcourse_id0\x01\x82\xd3\xe4\x93\x02\x1d*\x1b/api/v1/courses/{course_id}\x12\x96\x01\n\x0bListLessons\x12\'.learnmesh.course.v1.ListLessonsRequest\x1a(.learnmesh.course.v1.ListLessonsResponse\"4\x90\x02\x01\xca\xf3\x18\x02\x08\x01\x82\xd3\xe4\x93\x02%\x12#/api/v1/courses/{course_id}/lessons\x12\xa4\x01\n\x0c\x43reateLesson\x12(.learnmesh.course.v1.CreateLessonRequest\x1a).learnmesh.course.v1.CreateLessonResponse\"?\xca\xf3\x18\r\x08\x03\x1a\tcourse_id\x82\xd3\xe4\x93\x02(\"#/api/v1/courses/{course_id}/lessons:\x01*\x12\x89\x01\n\x06\x45nroll\x12\".learnmesh.course.v1.EnrollRequest\x1a#.learnmesh.course.v1.EnrollResponse\"6\x90\x02\x02\xca\xf3\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\'\"\"/api/v1/courses/{course_id}/enroll:\x01*\x12\xb7\x01\n\x0e\x43ompleteLesson\x12*.learnmesh.course.v1.CompleteLessonRequest\x1a+.learnmesh.course.v1.CompleteLessonResponse\"L\x90\x02\x02\xca\xf3\x18\x02\x08\x02\x82\xd3\xe4\x93\x02=\"8/api/v1/courses/{course_id}/lessons/{lesson_id}/complete:\x01*\x12\x97\x01\n\x0bGetProgress\x12\'.learnmesh.course.v1.GetProgressRequest\x1a(.learnmesh.course.v1.GetProgressResponse\"5\x90\x02\x01\xca\xf3\x18\x02\x08\x02\x82\xd3\xe4\x93\x02&\x12$/api/v1/courses/{course_id}/progressb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n learnmesh/course/v1/course.proto\x12\x13learnmesh.course.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a learnmesh/common/v1/access.proto\x1a\x1elearnmesh/common/v1/text.proto\"=\n\nInstructor\x12\n\n\x02id\x18\x01 \x01(\t\x12#\n\x0c\x64isplay_name\x18\x02 \x01(\tB\r\xbaH\nr\x08\xe8\xf9\x18\x01\xf8\xf9\x18\x01\"\x81\x03\n\x06\x43ourse\x12\n\n\x02id\x18\x01 \x01(\t\x12!\n\x05title\x18\x02 \x01(\tB\x12\xbaH\x0fr\r\x10\x05\x18\xc8\x01\xe8\xf9\x18\x01\xf8\xf9\x18\x01\x12\'\n\x0b\x64\x65scription\x18\x03 \x01(\tB\x12\xbaH\x0fr\r\x10\x14\x18\x88\'\xf0\xf9\x18\x01\xf8\xf9\x18\x01\x12#\n\x08\x63\x61tegory\x18\x04 \x01(\tB\x11\xbaH\x0er\x0c\x10\x01\x18\x32\xe8\xf9\x18\x01\xf8\xf9\x18\x01\x12\x35\n\x05level\x18\x05 \x01(\x0e\x32\x1a.learnmesh.course.v1.LevelB\n\xbaH\x07\x82\x01\x04\x10\x01 \x00\x12\x33\n\ninstructor\x18\x06 \x01(\x0b\x32\x1f.learnmesh.course.v1.Instructor\x12\x14\n\x0clesson_count\x18\x07 \x01(\x05\x12\x18\n\x10\x65nrollment_count\x18\x08 \x01(\x05\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbd\x01\n\x06Lesson\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tcourse_id\x18\x02 \x01(\t\x12\x1c\n\x05title\x18\x03 \x01(\tB\r\xbaH\nr\x08\xe8\xf9\x18\x01\xf8\xf9\x18\x01\x12\x1a\n\x07\x63ontent\x18\x04 \x01(\tB\t\xbaH\x06r\x04\xf0\xf9\x18\x01\x12\x10\n\x08position\x18\x05 \x01(\x05\x12\x18\n\x10\x64uration_minutes\x18\x06 \x01(\x05\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xaa\x02\n\x12ListCoursesRequest\x12!\n\tpage_size\x18\x01 \x01(\x05\x42\t\xbaH\x06\x1a\x04\x18\x64(\x01H\x00\x88\x01\x01\x12\x1c\n\npage_token\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\x12\x1d\n\x08\x63\x61tegory\x18\x03 \x01(\tB\x0b\xbaH\x08r\x06\x18\x32\xe8\xf9\x18\x01\x12\x33\n\x05level\x18\x04 \x01(\x0e\x32\x1a.learnmesh.course.v1.LevelB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x1b\n\x06search\x18\x05 \x01(\tB\x0b\xbaH\x08r\x06\x18\x64\xe8\xf9\x18\x01\x12T\n\x08order_by\x18\x06 \x01(\tBB\xbaH?r=R\x00R\ncreated_atR\x0f\x63reated_at descR\x05titleR\x15\x65nrollment_count descB\x0c\n\n_page_size\"\\\n\x13ListCoursesResponse\x12,\n\x07\x63ourses\x18\x01 \x03(\x0b\x32\x1b.learnmesh.course.v1.Course\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"/\n\x10GetCourseRequest\x12\x1b\n\tcourse_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"@\n\x11GetCourseResponse\x12+\n\x06\x63ourse\x18\x01 \x01(\x0b\x32\x1b.learnmesh.course.v1.Course\"\xbd\x01\n\x13\x43reateCourseRequest\x12!\n\x05title\x18\x01 \x01(\tB\x12\xbaH\x0fr\r\x10\x05\x18\xc8\x01\xe8\xf9\x18\x01\xf8\xf9\x18\x01\x12\'\n\x0b\x64\x65scription\x18\x02 \x01(\tB\x12\xbaH\x0fr\r\x10\x14\x18\x88\'\xf0\xf9\x18\x01\xf8\xf9\x18\x01\x12#\n\x08\x63\x61tegory\x18\x03 \x01(\tB\x11\xbaH\x0er\x0c\x10\x01\x18\x32\xe8\xf9\x18\x01\xf8\xf9\x18\x01\x12\x35\n\x05level\x18\x04 \x01(\x0e\x32\x1a.learnmesh.course.v1.LevelB\n\xbaH\x07\x82\x01\x04\x10\x01 \x00\"C\n\x14\x43reateCourseResponse\x12+\n\x06\x63ourse\x18\x01 \x01(\x0b\x32\x1b.learnmesh.course.v1.Course\"\xb4\x01\n\x0c\x43ourseUpdate\x12$\n\x05title\x18\x01 \x01(\tB\x15\xbaH\x12r\r\x10\x05\x18\xc8\x01\xe8\xf9\x18\x01\xf8\xf9\x18\x01\xd8\x01\x01\x12*\n\x0b\x64\x65scription\x18\x02 \x01(\tB\x15\xbaH\x12r\r\x10\x14\x18\x88\'\xf0\xf9\x18\x01\xf8\xf9\x18\x01\xd8\x01\x01\x12\x1d\n\x08\x63\x61tegory\x18\x03 \x01(\tB\x0b\xbaH\x08r\x06\x18\x32\xe8\xf9\x18\x01\x12\x33\n\x05level\x18\x04 \x01(\x0e\x32\x1a.learnmesh.course.v1.LevelB\x08\xbaH\x05\x82\x01\x02\x10\x01\"\xdb\x02\n\x13UpdateCourseRequest\x12\x1b\n\tcourse_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\x12\x39\n\x06\x63ourse\x18\x02 \x01(\x0b\x32!.learnmesh.course.v1.CourseUpdateB\x06\xbaH\x03\xc8\x01\x01\x12\xeb\x01\n\x0bupdate_mask\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\xb9\x01\xbaH\xb5\x01\xba\x01G\n\x15update_mask.max_paths\x12\x15name at most 16 paths\x1a\x17this.paths.size() <= 16\xba\x01\x65\n\x17update_mask.path_length\x12\'each path must be at most 64 characters\x1a!this.paths.all(p, p.size() <= 64)\xc8\x01\x01\"C\n\x14UpdateCourseResponse\x12+\n\x06\x63ourse\x18\x01 \x01(\x0b\x32\x1b.learnmesh.course.v1.Course\"2\n\x13\x44\x65leteCourseRequest\x12\x1b\n\tcourse_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"\x16\n\x14\x44\x65leteCourseResponse\"\x80\x01\n\x12ListLessonsRequest\x12\x1b\n\tcourse_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\x12!\n\tpage_size\x18\x02 \x01(\x05\x42\t\xbaH\x06\x1a\x04\x18\x64(\x01H\x00\x88\x01\x01\x12\x1c\n\npage_token\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\x42\x0c\n\n_page_size\"\\\n\x13ListLessonsResponse\x12,\n\x07lessons\x18\x01 \x03(\x0b\x32\x1b.learnmesh.course.v1.Lesson\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x9b\x01\n\x13\x43reateLessonRequest\x12\x1b\n\tcourse_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\x12!\n\x05title\x18\x02 \x01(\tB\x12\xbaH\x0fr\r\x10\x03\x18\xc8\x01\xe8\xf9\x18\x01\xf8\xf9\x18\x01\x12\x1e\n\x07\x63ontent\x18\x03 \x01(\tB\r\xbaH\nr\x08\x18\xa0\x8d\x06\xf0\xf9\x18\x01\x12$\n\x10\x64uration_minutes\x18\x04 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xa0\x0b(\x00\"C\n\x14\x43reateLessonResponse\x12+\n\x06lesson\x18\x01 \x01(\x0b\x32\x1b.learnmesh.course.v1.Lesson\",\n\rEnrollRequest\x12\x1b\n\tcourse_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"X\n\x0e\x45nrollResponse\x12\x15\n\renrollment_id\x18\x01 \x01(\t\x12/\n\x0b\x65nrolled_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Q\n\x15\x43ompleteLessonRequest\x12\x1b\n\tcourse_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\x12\x1b\n\tlesson_id\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"I\n\x16\x43ompleteLessonResponse\x12/\n\x08progress\x18\x01 \x01(\x0b\x32\x1d.learnmesh.course.v1.Progress\"\x9d\x01\n\x08Progress\x12\x11\n\tcourse_id\x18\x01 \x01(\t\x12\x19\n\x11\x63ompleted_lessons\x18\x02 \x01(\x05\x12\x15\n\rtotal_lessons\x18\x03 \x01(\x05\x12\x1c\n\x14\x63ompleted_lesson_ids\x18\x04 \x03(\t\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"1\n\x12GetProgressRequest\x12\x1b\n\tcourse_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"F\n\x13GetProgressResponse\x12/\n\x08progress\x18\x01 \x01(\x0b\x32\x1d.learnmesh.course.v1.Progress*^\n\x05Level\x12\x15\n\x11LEVEL_UNSPECIFIED\x10\x00\x12\x12\n\x0eLEVEL_BEGINNER\x10\x01\x12\x16\n\x12LEVEL_INTERMEDIATE\x10\x02\x12\x12\n\x0eLEVEL_ADVANCED\x10\x03\x32\xa2\x0c\n\rCourseService\x12\x82\x01\n\x0bListCourses\x12\'.learnmesh.course.v1.ListCoursesRequest\x1a(.learnmesh.course.v1.ListCoursesResponse\" \x90\x02\x01\xca\xf3\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x11\x12\x0f/api/v1/courses\x12\x88\x01\n\tGetCourse\x12%.learnmesh.course.v1.GetCourseRequest\x1a&.learnmesh.course.v1.GetCourseResponse\",\x90\x02\x01\xca\xf3\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x1d\x12\x1b/api/v1/courses/{course_id}\x12\x98\x01\n\x0c\x43reateCourse\x12(.learnmesh.course.v1.CreateCourseRequest\x1a).learnmesh.course.v1.CreateCourseResponse\"3\xca\xf3\x18\x15\x08\x04\x12\ninstructor\x12\x05\x61\x64min\x82\xd3\xe4\x93\x02\x14\"\x0f/api/v1/courses:\x01*\x12\xa4\x01\n\x0cUpdateCourse\x12(.learnmesh.course.v1.UpdateCourseRequest\x1a).learnmesh.course.v1.UpdateCourseResponse\"?\x90\x02\x02\xca\xf3\x18\r\x08\x03\x1a\tcourse_id\x82\xd3\xe4\x93\x02%2\x1b/api/v1/courses/{course_id}:\x06\x63ourse\x12\x9e\x01\n\x0c\x44\x65leteCourse\x12(.learnmesh.course.v1.DeleteCourseRequest\x1a).learnmesh.course.v1.DeleteCourseResponse\"9\x90\x02\x02\xca\xf3\x18\x0f\x08\x03\x1a\tcourse_id0\x01\x82\xd3\xe4\x93\x02\x1d*\x1b/api/v1/courses/{course_id}\x12\x96\x01\n\x0bListLessons\x12\'.learnmesh.course.v1.ListLessonsRequest\x1a(.learnmesh.course.v1.ListLessonsResponse\"4\x90\x02\x01\xca\xf3\x18\x02\x08\x01\x82\xd3\xe4\x93\x02%\x12#/api/v1/courses/{course_id}/lessons\x12\xa4\x01\n\x0c\x43reateLesson\x12(.learnmesh.course.v1.CreateLessonRequest\x1a).learnmesh.course.v1.CreateLessonResponse\"?\xca\xf3\x18\r\x08\x03\x1a\tcourse_id\x82\xd3\xe4\x93\x02(\"#/api/v1/courses/{course_id}/lessons:\x01*\x12\x89\x01\n\x06\x45nroll\x12\".learnmesh.course.v1.EnrollRequest\x1a#.learnmesh.course.v1.EnrollResponse\"6\x90\x02\x02\xca\xf3\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\'\"\"/api/v1/courses/{course_id}/enroll:\x01*\x12\xb7\x01\n\x0e\x43ompleteLesson\x12*.learnmesh.course.v1.CompleteLessonRequest\x1a+.learnmesh.course.v1.CompleteLessonResponse\"L\x90\x02\x02\xca\xf3\x18\x02\x08\x02\x82\xd3\xe4\x93\x02=\"8/api/v1/courses/{course_id}/lessons/{lesson_id}/complete:\x01*\x12\x97\x01\n\x0bGetProgress\x12\'.learnmesh.course.v1.GetProgressRequest\x1a(.learnmesh.course.v1.GetProgressResponse\"5\x90\x02\x01\xca\xf3\x18\x02\x08\x02\x82\xd3\xe4\x93\x02&\x12$/api/v1/courses/{course_id}/progressb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'learnmesh.course.v1.course_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_INSTRUCTOR'].fields_by_name['display_name']._loaded_options = None
+  _globals['_INSTRUCTOR'].fields_by_name['display_name']._serialized_options = b'\272H\nr\010\350\371\030\001\370\371\030\001'
   _globals['_COURSE'].fields_by_name['title']._loaded_options = None
-  _globals['_COURSE'].fields_by_name['title']._serialized_options = b'\272H\007r\005\020\005\030\310\001'
+  _globals['_COURSE'].fields_by_name['title']._serialized_options = b'\272H\017r\r\020\005\030\310\001\350\371\030\001\370\371\030\001'
   _globals['_COURSE'].fields_by_name['description']._loaded_options = None
-  _globals['_COURSE'].fields_by_name['description']._serialized_options = b'\272H\007r\005\020\024\030\210\''
+  _globals['_COURSE'].fields_by_name['description']._serialized_options = b'\272H\017r\r\020\024\030\210\'\360\371\030\001\370\371\030\001'
   _globals['_COURSE'].fields_by_name['category']._loaded_options = None
-  _globals['_COURSE'].fields_by_name['category']._serialized_options = b'\272H\006r\004\020\001\0302'
+  _globals['_COURSE'].fields_by_name['category']._serialized_options = b'\272H\016r\014\020\001\0302\350\371\030\001\370\371\030\001'
   _globals['_COURSE'].fields_by_name['level']._loaded_options = None
   _globals['_COURSE'].fields_by_name['level']._serialized_options = b'\272H\007\202\001\004\020\001 \000'
+  _globals['_LESSON'].fields_by_name['title']._loaded_options = None
+  _globals['_LESSON'].fields_by_name['title']._serialized_options = b'\272H\nr\010\350\371\030\001\370\371\030\001'
+  _globals['_LESSON'].fields_by_name['content']._loaded_options = None
+  _globals['_LESSON'].fields_by_name['content']._serialized_options = b'\272H\006r\004\360\371\030\001'
   _globals['_LISTCOURSESREQUEST'].fields_by_name['page_size']._loaded_options = None
   _globals['_LISTCOURSESREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H\006\032\004\030d(\001'
   _globals['_LISTCOURSESREQUEST'].fields_by_name['page_token']._loaded_options = None
   _globals['_LISTCOURSESREQUEST'].fields_by_name['page_token']._serialized_options = b'\272H\005r\003\030\200\004'
   _globals['_LISTCOURSESREQUEST'].fields_by_name['category']._loaded_options = None
-  _globals['_LISTCOURSESREQUEST'].fields_by_name['category']._serialized_options = b'\272H\004r\002\0302'
+  _globals['_LISTCOURSESREQUEST'].fields_by_name['category']._serialized_options = b'\272H\010r\006\0302\350\371\030\001'
   _globals['_LISTCOURSESREQUEST'].fields_by_name['level']._loaded_options = None
   _globals['_LISTCOURSESREQUEST'].fields_by_name['level']._serialized_options = b'\272H\005\202\001\002\020\001'
   _globals['_LISTCOURSESREQUEST'].fields_by_name['search']._loaded_options = None
-  _globals['_LISTCOURSESREQUEST'].fields_by_name['search']._serialized_options = b'\272H\004r\002\030d'
+  _globals['_LISTCOURSESREQUEST'].fields_by_name['search']._serialized_options = b'\272H\010r\006\030d\350\371\030\001'
   _globals['_LISTCOURSESREQUEST'].fields_by_name['order_by']._loaded_options = None
   _globals['_LISTCOURSESREQUEST'].fields_by_name['order_by']._serialized_options = b'\272H?r=R\000R\ncreated_atR\017created_at descR\005titleR\025enrollment_count desc'
   _globals['_GETCOURSEREQUEST'].fields_by_name['course_id']._loaded_options = None
   _globals['_GETCOURSEREQUEST'].fields_by_name['course_id']._serialized_options = b'\272H\005r\003\260\001\001'
   _globals['_CREATECOURSEREQUEST'].fields_by_name['title']._loaded_options = None
-  _globals['_CREATECOURSEREQUEST'].fields_by_name['title']._serialized_options = b'\272H\007r\005\020\005\030\310\001'
+  _globals['_CREATECOURSEREQUEST'].fields_by_name['title']._serialized_options = b'\272H\017r\r\020\005\030\310\001\350\371\030\001\370\371\030\001'
   _globals['_CREATECOURSEREQUEST'].fields_by_name['description']._loaded_options = None
-  _globals['_CREATECOURSEREQUEST'].fields_by_name['description']._serialized_options = b'\272H\007r\005\020\024\030\210\''
+  _globals['_CREATECOURSEREQUEST'].fields_by_name['description']._serialized_options = b'\272H\017r\r\020\024\030\210\'\360\371\030\001\370\371\030\001'
   _globals['_CREATECOURSEREQUEST'].fields_by_name['category']._loaded_options = None
-  _globals['_CREATECOURSEREQUEST'].fields_by_name['category']._serialized_options = b'\272H\006r\004\020\001\0302'
+  _globals['_CREATECOURSEREQUEST'].fields_by_name['category']._serialized_options = b'\272H\016r\014\020\001\0302\350\371\030\001\370\371\030\001'
   _globals['_CREATECOURSEREQUEST'].fields_by_name['level']._loaded_options = None
   _globals['_CREATECOURSEREQUEST'].fields_by_name['level']._serialized_options = b'\272H\007\202\001\004\020\001 \000'
   _globals['_COURSEUPDATE'].fields_by_name['title']._loaded_options = None
-  _globals['_COURSEUPDATE'].fields_by_name['title']._serialized_options = b'\272H\nr\005\020\005\030\310\001\330\001\001'
+  _globals['_COURSEUPDATE'].fields_by_name['title']._serialized_options = b'\272H\022r\r\020\005\030\310\001\350\371\030\001\370\371\030\001\330\001\001'
   _globals['_COURSEUPDATE'].fields_by_name['description']._loaded_options = None
-  _globals['_COURSEUPDATE'].fields_by_name['description']._serialized_options = b'\272H\nr\005\020\024\030\210\'\330\001\001'
+  _globals['_COURSEUPDATE'].fields_by_name['description']._serialized_options = b'\272H\022r\r\020\024\030\210\'\360\371\030\001\370\371\030\001\330\001\001'
   _globals['_COURSEUPDATE'].fields_by_name['category']._loaded_options = None
-  _globals['_COURSEUPDATE'].fields_by_name['category']._serialized_options = b'\272H\004r\002\0302'
+  _globals['_COURSEUPDATE'].fields_by_name['category']._serialized_options = b'\272H\010r\006\0302\350\371\030\001'
   _globals['_COURSEUPDATE'].fields_by_name['level']._loaded_options = None
   _globals['_COURSEUPDATE'].fields_by_name['level']._serialized_options = b'\272H\005\202\001\002\020\001'
   _globals['_UPDATECOURSEREQUEST'].fields_by_name['course_id']._loaded_options = None
@@ -80,7 +87,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPDATECOURSEREQUEST'].fields_by_name['course']._loaded_options = None
   _globals['_UPDATECOURSEREQUEST'].fields_by_name['course']._serialized_options = b'\272H\003\310\001\001'
   _globals['_UPDATECOURSEREQUEST'].fields_by_name['update_mask']._loaded_options = None
-  _globals['_UPDATECOURSEREQUEST'].fields_by_name['update_mask']._serialized_options = b'\272H\003\310\001\001'
+  _globals['_UPDATECOURSEREQUEST'].fields_by_name['update_mask']._serialized_options = b'\272H\265\001\272\001G\n\025update_mask.max_paths\022\025name at most 16 paths\032\027this.paths.size() <= 16\272\001e\n\027update_mask.path_length\022\'each path must be at most 64 characters\032!this.paths.all(p, p.size() <= 64)\310\001\001'
   _globals['_DELETECOURSEREQUEST'].fields_by_name['course_id']._loaded_options = None
   _globals['_DELETECOURSEREQUEST'].fields_by_name['course_id']._serialized_options = b'\272H\005r\003\260\001\001'
   _globals['_LISTLESSONSREQUEST'].fields_by_name['course_id']._loaded_options = None
@@ -92,9 +99,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATELESSONREQUEST'].fields_by_name['course_id']._loaded_options = None
   _globals['_CREATELESSONREQUEST'].fields_by_name['course_id']._serialized_options = b'\272H\005r\003\260\001\001'
   _globals['_CREATELESSONREQUEST'].fields_by_name['title']._loaded_options = None
-  _globals['_CREATELESSONREQUEST'].fields_by_name['title']._serialized_options = b'\272H\007r\005\020\003\030\310\001'
+  _globals['_CREATELESSONREQUEST'].fields_by_name['title']._serialized_options = b'\272H\017r\r\020\003\030\310\001\350\371\030\001\370\371\030\001'
   _globals['_CREATELESSONREQUEST'].fields_by_name['content']._loaded_options = None
-  _globals['_CREATELESSONREQUEST'].fields_by_name['content']._serialized_options = b'\272H\006r\004\030\240\215\006'
+  _globals['_CREATELESSONREQUEST'].fields_by_name['content']._serialized_options = b'\272H\nr\010\030\240\215\006\360\371\030\001'
   _globals['_CREATELESSONREQUEST'].fields_by_name['duration_minutes']._loaded_options = None
   _globals['_CREATELESSONREQUEST'].fields_by_name['duration_minutes']._serialized_options = b'\272H\007\032\005\030\240\013(\000'
   _globals['_ENROLLREQUEST'].fields_by_name['course_id']._loaded_options = None
@@ -125,58 +132,58 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COURSESERVICE'].methods_by_name['CompleteLesson']._serialized_options = b'\220\002\002\312\363\030\002\010\002\202\323\344\223\002=\"8/api/v1/courses/{course_id}/lessons/{lesson_id}/complete:\001*'
   _globals['_COURSESERVICE'].methods_by_name['GetProgress']._loaded_options = None
   _globals['_COURSESERVICE'].methods_by_name['GetProgress']._serialized_options = b'\220\002\001\312\363\030\002\010\002\202\323\344\223\002&\022$/api/v1/courses/{course_id}/progress'
-  _globals['_LEVEL']._serialized_start=3028
-  _globals['_LEVEL']._serialized_end=3122
-  _globals['_INSTRUCTOR']._serialized_start=217
-  _globals['_INSTRUCTOR']._serialized_end=263
-  _globals['_COURSE']._serialized_start=266
-  _globals['_COURSE']._serialized_end=627
-  _globals['_LESSON']._serialized_start=630
-  _globals['_LESSON']._serialized_end=793
-  _globals['_LISTCOURSESREQUEST']._serialized_start=796
-  _globals['_LISTCOURSESREQUEST']._serialized_end=1086
-  _globals['_LISTCOURSESRESPONSE']._serialized_start=1088
-  _globals['_LISTCOURSESRESPONSE']._serialized_end=1180
-  _globals['_GETCOURSEREQUEST']._serialized_start=1182
-  _globals['_GETCOURSEREQUEST']._serialized_end=1229
-  _globals['_GETCOURSERESPONSE']._serialized_start=1231
-  _globals['_GETCOURSERESPONSE']._serialized_end=1295
-  _globals['_CREATECOURSEREQUEST']._serialized_start=1298
-  _globals['_CREATECOURSEREQUEST']._serialized_end=1463
-  _globals['_CREATECOURSERESPONSE']._serialized_start=1465
-  _globals['_CREATECOURSERESPONSE']._serialized_end=1532
-  _globals['_COURSEUPDATE']._serialized_start=1535
-  _globals['_COURSEUPDATE']._serialized_end=1695
-  _globals['_UPDATECOURSEREQUEST']._serialized_start=1698
-  _globals['_UPDATECOURSEREQUEST']._serialized_end=1864
-  _globals['_UPDATECOURSERESPONSE']._serialized_start=1866
-  _globals['_UPDATECOURSERESPONSE']._serialized_end=1933
-  _globals['_DELETECOURSEREQUEST']._serialized_start=1935
-  _globals['_DELETECOURSEREQUEST']._serialized_end=1985
-  _globals['_DELETECOURSERESPONSE']._serialized_start=1987
-  _globals['_DELETECOURSERESPONSE']._serialized_end=2009
-  _globals['_LISTLESSONSREQUEST']._serialized_start=2012
-  _globals['_LISTLESSONSREQUEST']._serialized_end=2140
-  _globals['_LISTLESSONSRESPONSE']._serialized_start=2142
-  _globals['_LISTLESSONSRESPONSE']._serialized_end=2234
-  _globals['_CREATELESSONREQUEST']._serialized_start=2237
-  _globals['_CREATELESSONREQUEST']._serialized_end=2380
-  _globals['_CREATELESSONRESPONSE']._serialized_start=2382
-  _globals['_CREATELESSONRESPONSE']._serialized_end=2449
-  _globals['_ENROLLREQUEST']._serialized_start=2451
-  _globals['_ENROLLREQUEST']._serialized_end=2495
-  _globals['_ENROLLRESPONSE']._serialized_start=2497
-  _globals['_ENROLLRESPONSE']._serialized_end=2585
-  _globals['_COMPLETELESSONREQUEST']._serialized_start=2587
-  _globals['_COMPLETELESSONREQUEST']._serialized_end=2668
-  _globals['_COMPLETELESSONRESPONSE']._serialized_start=2670
-  _globals['_COMPLETELESSONRESPONSE']._serialized_end=2743
-  _globals['_PROGRESS']._serialized_start=2746
-  _globals['_PROGRESS']._serialized_end=2903
-  _globals['_GETPROGRESSREQUEST']._serialized_start=2905
-  _globals['_GETPROGRESSREQUEST']._serialized_end=2954
-  _globals['_GETPROGRESSRESPONSE']._serialized_start=2956
-  _globals['_GETPROGRESSRESPONSE']._serialized_end=3026
-  _globals['_COURSESERVICE']._serialized_start=3125
-  _globals['_COURSESERVICE']._serialized_end=4695
+  _globals['_LEVEL']._serialized_start=3370
+  _globals['_LEVEL']._serialized_end=3464
+  _globals['_INSTRUCTOR']._serialized_start=249
+  _globals['_INSTRUCTOR']._serialized_end=310
+  _globals['_COURSE']._serialized_start=313
+  _globals['_COURSE']._serialized_end=698
+  _globals['_LESSON']._serialized_start=701
+  _globals['_LESSON']._serialized_end=890
+  _globals['_LISTCOURSESREQUEST']._serialized_start=893
+  _globals['_LISTCOURSESREQUEST']._serialized_end=1191
+  _globals['_LISTCOURSESRESPONSE']._serialized_start=1193
+  _globals['_LISTCOURSESRESPONSE']._serialized_end=1285
+  _globals['_GETCOURSEREQUEST']._serialized_start=1287
+  _globals['_GETCOURSEREQUEST']._serialized_end=1334
+  _globals['_GETCOURSERESPONSE']._serialized_start=1336
+  _globals['_GETCOURSERESPONSE']._serialized_end=1400
+  _globals['_CREATECOURSEREQUEST']._serialized_start=1403
+  _globals['_CREATECOURSEREQUEST']._serialized_end=1592
+  _globals['_CREATECOURSERESPONSE']._serialized_start=1594
+  _globals['_CREATECOURSERESPONSE']._serialized_end=1661
+  _globals['_COURSEUPDATE']._serialized_start=1664
+  _globals['_COURSEUPDATE']._serialized_end=1844
+  _globals['_UPDATECOURSEREQUEST']._serialized_start=1847
+  _globals['_UPDATECOURSEREQUEST']._serialized_end=2194
+  _globals['_UPDATECOURSERESPONSE']._serialized_start=2196
+  _globals['_UPDATECOURSERESPONSE']._serialized_end=2263
+  _globals['_DELETECOURSEREQUEST']._serialized_start=2265
+  _globals['_DELETECOURSEREQUEST']._serialized_end=2315
+  _globals['_DELETECOURSERESPONSE']._serialized_start=2317
+  _globals['_DELETECOURSERESPONSE']._serialized_end=2339
+  _globals['_LISTLESSONSREQUEST']._serialized_start=2342
+  _globals['_LISTLESSONSREQUEST']._serialized_end=2470
+  _globals['_LISTLESSONSRESPONSE']._serialized_start=2472
+  _globals['_LISTLESSONSRESPONSE']._serialized_end=2564
+  _globals['_CREATELESSONREQUEST']._serialized_start=2567
+  _globals['_CREATELESSONREQUEST']._serialized_end=2722
+  _globals['_CREATELESSONRESPONSE']._serialized_start=2724
+  _globals['_CREATELESSONRESPONSE']._serialized_end=2791
+  _globals['_ENROLLREQUEST']._serialized_start=2793
+  _globals['_ENROLLREQUEST']._serialized_end=2837
+  _globals['_ENROLLRESPONSE']._serialized_start=2839
+  _globals['_ENROLLRESPONSE']._serialized_end=2927
+  _globals['_COMPLETELESSONREQUEST']._serialized_start=2929
+  _globals['_COMPLETELESSONREQUEST']._serialized_end=3010
+  _globals['_COMPLETELESSONRESPONSE']._serialized_start=3012
+  _globals['_COMPLETELESSONRESPONSE']._serialized_end=3085
+  _globals['_PROGRESS']._serialized_start=3088
+  _globals['_PROGRESS']._serialized_end=3245
+  _globals['_GETPROGRESSREQUEST']._serialized_start=3247
+  _globals['_GETPROGRESSREQUEST']._serialized_end=3296
+  _globals['_GETPROGRESSRESPONSE']._serialized_start=3298
+  _globals['_GETPROGRESSRESPONSE']._serialized_end=3368
+  _globals['_COURSESERVICE']._serialized_start=3467
+  _globals['_COURSESERVICE']._serialized_end=5037
 # @@protoc_insertion_point(module_scope)

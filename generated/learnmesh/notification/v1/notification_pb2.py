@@ -29,21 +29,26 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from learnmesh.common.v1 import access_pb2 as learnmesh_dot_common_dot_v1_dot_access__pb2
 from learnmesh.common.v1 import common_pb2 as learnmesh_dot_common_dot_v1_dot_common__pb2
+from learnmesh.common.v1 import text_pb2 as learnmesh_dot_common_dot_v1_dot_text__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,learnmesh/notification/v1/notification.proto\x12\x19learnmesh.notification.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a learnmesh/common/v1/access.proto\x1a learnmesh/common/v1/common.proto\"\xb3\x01\n\x0cNotification\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05title\x18\x04 \x01(\t\x12\x0c\n\x04\x62ody\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07read_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb3\x01\n\x17NotificationPreferences\x12M\n\x08\x63hannels\x18\x01 \x03(\x0e\x32(.learnmesh.common.v1.NotificationChannelB\x11\xbaH\x0e\x92\x01\x0b\x18\x01\"\x07\x82\x01\x04\x10\x01 \x00\x12*\n\x0bwebhook_url\x18\x02 \x01(\tB\x15\xbaH\x12r\r:\x08https://\x88\x01\x01\xd8\x01\x01\x12\x1d\n\x0bmuted_kinds\x18\x03 \x03(\tB\x08\xbaH\x05\x92\x01\x02\x10\x32\"1\n\x10SubscribeRequest\x12\x1d\n\x08\x61\x66ter_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\"R\n\x11SubscribeResponse\x12=\n\x0cnotification\x18\x01 \x01(\x0b\x32\'.learnmesh.notification.v1.Notification\"~\n\x18ListNotificationsRequest\x12!\n\tpage_size\x18\x01 \x01(\x05\x42\t\xbaH\x06\x1a\x04\x18\x64(\x01H\x00\x88\x01\x01\x12\x1c\n\npage_token\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\x12\x13\n\x0bunread_only\x18\x03 \x01(\x08\x42\x0c\n\n_page_size\"t\n\x19ListNotificationsResponse\x12>\n\rnotifications\x18\x01 \x03(\x0b\x32\'.learnmesh.notification.v1.Notification\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"4\n\x0fMarkReadRequest\x12!\n\x0fnotification_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"\x12\n\x10MarkReadResponse\"\x14\n\x12MarkAllReadRequest\"%\n\x13MarkAllReadResponse\x12\x0e\n\x06marked\x18\x01 \x01(\x05\"\x17\n\x15GetPreferencesRequest\"a\n\x16GetPreferencesResponse\x12G\n\x0bpreferences\x18\x01 \x01(\x0b\x32\x32.learnmesh.notification.v1.NotificationPreferences\"\xa4\x01\n\x18UpdatePreferencesRequest\x12O\n\x0bpreferences\x18\x01 \x01(\x0b\x32\x32.learnmesh.notification.v1.NotificationPreferencesB\x06\xbaH\x03\xc8\x01\x01\x12\x37\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x06\xbaH\x03\xc8\x01\x01\"d\n\x19UpdatePreferencesResponse\x12G\n\x0bpreferences\x18\x01 \x01(\x0b\x32\x32.learnmesh.notification.v1.NotificationPreferences\"\x8f\x02\n\rNotifyRequest\x12\x19\n\x07user_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\x12>\n\x04kind\x18\x02 \x01(\tB0\xbaH-r+\x10\x01\x18@2%^[a-z][a-z0-9_]*(\\.[a-z][a-z0-9_]*)+$\x12\x19\n\x05title\x18\x03 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\xc8\x01\x12\x16\n\x04\x62ody\x18\x04 \x01(\tB\x08\xbaH\x05r\x03\x18\x90N\x12M\n\x08\x63hannels\x18\x05 \x03(\x0e\x32(.learnmesh.common.v1.NotificationChannelB\x11\xbaH\x0e\x92\x01\x0b\x18\x01\"\x07\x82\x01\x04\x10\x01 \x00\x12!\n\x0fidempotency_key\x18\x06 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\"O\n\x0eNotifyResponse\x12=\n\x0cnotification\x18\x01 \x01(\x0b\x32\'.learnmesh.notification.v1.Notification2\x92\t\n\x13NotificationService\x12\x97\x01\n\tSubscribe\x12+.learnmesh.notification.v1.SubscribeRequest\x1a,.learnmesh.notification.v1.SubscribeResponse\"-\x90\x02\x01\xca\xf3\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x1e\x12\x1c/api/v1/notifications/stream0\x01\x12\xa6\x01\n\x11ListNotifications\x12\x33.learnmesh.notification.v1.ListNotificationsRequest\x1a\x34.learnmesh.notification.v1.ListNotificationsResponse\"&\x90\x02\x01\xca\xf3\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x17\x12\x15/api/v1/notifications\x12\xa5\x01\n\x08MarkRead\x12*.learnmesh.notification.v1.MarkReadRequest\x1a+.learnmesh.notification.v1.MarkReadResponse\"@\x90\x02\x02\xca\xf3\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x31\",/api/v1/notifications/{notification_id}/read:\x01*\x12\xa0\x01\n\x0bMarkAllRead\x12-.learnmesh.notification.v1.MarkAllReadRequest\x1a..learnmesh.notification.v1.MarkAllReadResponse\"2\x90\x02\x02\xca\xf3\x18\x02\x08\x02\x82\xd3\xe4\x93\x02#\"\x1e/api/v1/notifications/read-all:\x01*\x12\xa9\x01\n\x0eGetPreferences\x12\x30.learnmesh.notification.v1.GetPreferencesRequest\x1a\x31.learnmesh.notification.v1.GetPreferencesResponse\"2\x90\x02\x01\xca\xf3\x18\x02\x08\x02\x82\xd3\xe4\x93\x02#\x12!/api/v1/notifications/preferences\x12\xbf\x01\n\x11UpdatePreferences\x12\x33.learnmesh.notification.v1.UpdatePreferencesRequest\x1a\x34.learnmesh.notification.v1.UpdatePreferencesResponse\"?\x90\x02\x02\xca\xf3\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x30\x32!/api/v1/notifications/preferences:\x0bpreferences\x12\x7f\n\x06Notify\x12(.learnmesh.notification.v1.NotifyRequest\x1a).learnmesh.notification.v1.NotifyResponse\" \xca\xf3\x18\x1c\x08\x05\"\x04\x61uth\"\x04user\"\x06\x63ourse\"\x04\x66ileb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,learnmesh/notification/v1/notification.proto\x12\x19learnmesh.notification.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a learnmesh/common/v1/access.proto\x1a learnmesh/common/v1/common.proto\x1a\x1elearnmesh/common/v1/text.proto\"\xcd\x01\n\x0cNotification\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x1c\n\x05title\x18\x04 \x01(\tB\r\xbaH\nr\x08\xe8\xf9\x18\x01\xf8\xf9\x18\x01\x12\x17\n\x04\x62ody\x18\x05 \x01(\tB\t\xbaH\x06r\x04\xf0\xf9\x18\x01\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07read_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd2\x02\n\x17NotificationPreferences\x12M\n\x08\x63hannels\x18\x01 \x03(\x0e\x32(.learnmesh.common.v1.NotificationChannelB\x11\xbaH\x0e\x92\x01\x0b\x18\x01\"\x07\x82\x01\x04\x10\x01 \x00\x12*\n\x0bwebhook_url\x18\x02 \x01(\tB\x15\xbaH\x12r\r:\x08https://\x88\x01\x01\xd8\x01\x01\x12\xbb\x01\n\x0bmuted_kinds\x18\x03 \x03(\tB\xa5\x01\xbaH\xa1\x01\x92\x01\x9d\x01\x10\x32\"\x98\x01r\x02\x18@\xba\x01\x90\x01\n\x0bkind.format\x12Imust be a kind such as enrollment.created: dot-separated lower-case words\x1a\x36this.matches(\'^[a-z][a-z0-9_]*(\\\\.[a-z][a-z0-9_]*)+$\')\"1\n\x10SubscribeRequest\x12\x1d\n\x08\x61\x66ter_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\"R\n\x11SubscribeResponse\x12=\n\x0cnotification\x18\x01 \x01(\x0b\x32\'.learnmesh.notification.v1.Notification\"~\n\x18ListNotificationsRequest\x12!\n\tpage_size\x18\x01 \x01(\x05\x42\t\xbaH\x06\x1a\x04\x18\x64(\x01H\x00\x88\x01\x01\x12\x1c\n\npage_token\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\x12\x13\n\x0bunread_only\x18\x03 \x01(\x08\x42\x0c\n\n_page_size\"t\n\x19ListNotificationsResponse\x12>\n\rnotifications\x18\x01 \x03(\x0b\x32\'.learnmesh.notification.v1.Notification\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"4\n\x0fMarkReadRequest\x12!\n\x0fnotification_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"\x12\n\x10MarkReadResponse\"\x14\n\x12MarkAllReadRequest\"%\n\x13MarkAllReadResponse\x12\x0e\n\x06marked\x18\x01 \x01(\x05\"\x17\n\x15GetPreferencesRequest\"a\n\x16GetPreferencesResponse\x12G\n\x0bpreferences\x18\x01 \x01(\x0b\x32\x32.learnmesh.notification.v1.NotificationPreferences\"\xd9\x02\n\x18UpdatePreferencesRequest\x12O\n\x0bpreferences\x18\x01 \x01(\x0b\x32\x32.learnmesh.notification.v1.NotificationPreferencesB\x06\xbaH\x03\xc8\x01\x01\x12\xeb\x01\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\xb9\x01\xbaH\xb5\x01\xba\x01G\n\x15update_mask.max_paths\x12\x15name at most 16 paths\x1a\x17this.paths.size() <= 16\xba\x01\x65\n\x17update_mask.path_length\x12\'each path must be at most 64 characters\x1a!this.paths.all(p, p.size() <= 64)\xc8\x01\x01\"d\n\x19UpdatePreferencesResponse\x12G\n\x0bpreferences\x18\x01 \x01(\x0b\x32\x32.learnmesh.notification.v1.NotificationPreferences\"\x8f\x03\n\rNotifyRequest\x12\x19\n\x07user_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\x12\xad\x01\n\x04kind\x18\x02 \x01(\tB\x9e\x01\xbaH\x9a\x01r\x04\x10\x01\x18@\xba\x01\x90\x01\n\x0bkind.format\x12Imust be a kind such as enrollment.created: dot-separated lower-case words\x1a\x36this.matches(\'^[a-z][a-z0-9_]*(\\\\.[a-z][a-z0-9_]*)+$\')\x12!\n\x05title\x18\x03 \x01(\tB\x12\xbaH\x0fr\r\x10\x01\x18\xc8\x01\xe8\xf9\x18\x01\xf8\xf9\x18\x01\x12\x1a\n\x04\x62ody\x18\x04 \x01(\tB\x0c\xbaH\tr\x07\x18\x90N\xf0\xf9\x18\x01\x12M\n\x08\x63hannels\x18\x05 \x03(\x0e\x32(.learnmesh.common.v1.NotificationChannelB\x11\xbaH\x0e\x92\x01\x0b\x18\x01\"\x07\x82\x01\x04\x10\x01 \x00\x12%\n\x0fidempotency_key\x18\x06 \x01(\tB\x0c\xbaH\tr\x07\x18\x80\x01\x80\xfa\x18\x01\"O\n\x0eNotifyResponse\x12=\n\x0cnotification\x18\x01 \x01(\x0b\x32\'.learnmesh.notification.v1.Notification2\x92\t\n\x13NotificationService\x12\x97\x01\n\tSubscribe\x12+.learnmesh.notification.v1.SubscribeRequest\x1a,.learnmesh.notification.v1.SubscribeResponse\"-\x90\x02\x01\xca\xf3\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x1e\x12\x1c/api/v1/notifications/stream0\x01\x12\xa6\x01\n\x11ListNotifications\x12\x33.learnmesh.notification.v1.ListNotificationsRequest\x1a\x34.learnmesh.notification.v1.ListNotificationsResponse\"&\x90\x02\x01\xca\xf3\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x17\x12\x15/api/v1/notifications\x12\xa5\x01\n\x08MarkRead\x12*.learnmesh.notification.v1.MarkReadRequest\x1a+.learnmesh.notification.v1.MarkReadResponse\"@\x90\x02\x02\xca\xf3\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x31\",/api/v1/notifications/{notification_id}/read:\x01*\x12\xa0\x01\n\x0bMarkAllRead\x12-.learnmesh.notification.v1.MarkAllReadRequest\x1a..learnmesh.notification.v1.MarkAllReadResponse\"2\x90\x02\x02\xca\xf3\x18\x02\x08\x02\x82\xd3\xe4\x93\x02#\"\x1e/api/v1/notifications/read-all:\x01*\x12\xa9\x01\n\x0eGetPreferences\x12\x30.learnmesh.notification.v1.GetPreferencesRequest\x1a\x31.learnmesh.notification.v1.GetPreferencesResponse\"2\x90\x02\x01\xca\xf3\x18\x02\x08\x02\x82\xd3\xe4\x93\x02#\x12!/api/v1/notifications/preferences\x12\xbf\x01\n\x11UpdatePreferences\x12\x33.learnmesh.notification.v1.UpdatePreferencesRequest\x1a\x34.learnmesh.notification.v1.UpdatePreferencesResponse\"?\x90\x02\x02\xca\xf3\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x30\x32!/api/v1/notifications/preferences:\x0bpreferences\x12\x7f\n\x06Notify\x12(.learnmesh.notification.v1.NotifyRequest\x1a).learnmesh.notification.v1.NotifyResponse\" \xca\xf3\x18\x1c\x08\x05\"\x04\x61uth\"\x04user\"\x06\x63ourse\"\x04\x66ileb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'learnmesh.notification.v1.notification_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_NOTIFICATION'].fields_by_name['title']._loaded_options = None
+  _globals['_NOTIFICATION'].fields_by_name['title']._serialized_options = b'\272H\nr\010\350\371\030\001\370\371\030\001'
+  _globals['_NOTIFICATION'].fields_by_name['body']._loaded_options = None
+  _globals['_NOTIFICATION'].fields_by_name['body']._serialized_options = b'\272H\006r\004\360\371\030\001'
   _globals['_NOTIFICATIONPREFERENCES'].fields_by_name['channels']._loaded_options = None
   _globals['_NOTIFICATIONPREFERENCES'].fields_by_name['channels']._serialized_options = b'\272H\016\222\001\013\030\001\"\007\202\001\004\020\001 \000'
   _globals['_NOTIFICATIONPREFERENCES'].fields_by_name['webhook_url']._loaded_options = None
   _globals['_NOTIFICATIONPREFERENCES'].fields_by_name['webhook_url']._serialized_options = b'\272H\022r\r:\010https://\210\001\001\330\001\001'
   _globals['_NOTIFICATIONPREFERENCES'].fields_by_name['muted_kinds']._loaded_options = None
-  _globals['_NOTIFICATIONPREFERENCES'].fields_by_name['muted_kinds']._serialized_options = b'\272H\005\222\001\002\0202'
+  _globals['_NOTIFICATIONPREFERENCES'].fields_by_name['muted_kinds']._serialized_options = b'\272H\241\001\222\001\235\001\0202\"\230\001r\002\030@\272\001\220\001\n\013kind.format\022Imust be a kind such as enrollment.created: dot-separated lower-case words\0326this.matches(\'^[a-z][a-z0-9_]*(\\\\.[a-z][a-z0-9_]*)+$\')'
   _globals['_SUBSCRIBEREQUEST'].fields_by_name['after_id']._loaded_options = None
   _globals['_SUBSCRIBEREQUEST'].fields_by_name['after_id']._serialized_options = b'\272H\010r\003\260\001\001\330\001\001'
   _globals['_LISTNOTIFICATIONSREQUEST'].fields_by_name['page_size']._loaded_options = None
@@ -55,19 +60,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPDATEPREFERENCESREQUEST'].fields_by_name['preferences']._loaded_options = None
   _globals['_UPDATEPREFERENCESREQUEST'].fields_by_name['preferences']._serialized_options = b'\272H\003\310\001\001'
   _globals['_UPDATEPREFERENCESREQUEST'].fields_by_name['update_mask']._loaded_options = None
-  _globals['_UPDATEPREFERENCESREQUEST'].fields_by_name['update_mask']._serialized_options = b'\272H\003\310\001\001'
+  _globals['_UPDATEPREFERENCESREQUEST'].fields_by_name['update_mask']._serialized_options = b'\272H\265\001\272\001G\n\025update_mask.max_paths\022\025name at most 16 paths\032\027this.paths.size() <= 16\272\001e\n\027update_mask.path_length\022\'each path must be at most 64 characters\032!this.paths.all(p, p.size() <= 64)\310\001\001'
   _globals['_NOTIFYREQUEST'].fields_by_name['user_id']._loaded_options = None
   _globals['_NOTIFYREQUEST'].fields_by_name['user_id']._serialized_options = b'\272H\005r\003\260\001\001'
   _globals['_NOTIFYREQUEST'].fields_by_name['kind']._loaded_options = None
-  _globals['_NOTIFYREQUEST'].fields_by_name['kind']._serialized_options = b'\272H-r+\020\001\030@2%^[a-z][a-z0-9_]*(\\.[a-z][a-z0-9_]*)+$'
+  _globals['_NOTIFYREQUEST'].fields_by_name['kind']._serialized_options = b'\272H\232\001r\004\020\001\030@\272\001\220\001\n\013kind.format\022Imust be a kind such as enrollment.created: dot-separated lower-case words\0326this.matches(\'^[a-z][a-z0-9_]*(\\\\.[a-z][a-z0-9_]*)+$\')'
   _globals['_NOTIFYREQUEST'].fields_by_name['title']._loaded_options = None
-  _globals['_NOTIFYREQUEST'].fields_by_name['title']._serialized_options = b'\272H\007r\005\020\001\030\310\001'
+  _globals['_NOTIFYREQUEST'].fields_by_name['title']._serialized_options = b'\272H\017r\r\020\001\030\310\001\350\371\030\001\370\371\030\001'
   _globals['_NOTIFYREQUEST'].fields_by_name['body']._loaded_options = None
-  _globals['_NOTIFYREQUEST'].fields_by_name['body']._serialized_options = b'\272H\005r\003\030\220N'
+  _globals['_NOTIFYREQUEST'].fields_by_name['body']._serialized_options = b'\272H\tr\007\030\220N\360\371\030\001'
   _globals['_NOTIFYREQUEST'].fields_by_name['channels']._loaded_options = None
   _globals['_NOTIFYREQUEST'].fields_by_name['channels']._serialized_options = b'\272H\016\222\001\013\030\001\"\007\202\001\004\020\001 \000'
   _globals['_NOTIFYREQUEST'].fields_by_name['idempotency_key']._loaded_options = None
-  _globals['_NOTIFYREQUEST'].fields_by_name['idempotency_key']._serialized_options = b'\272H\005r\003\030\200\001'
+  _globals['_NOTIFYREQUEST'].fields_by_name['idempotency_key']._serialized_options = b'\272H\tr\007\030\200\001\200\372\030\001'
   _globals['_NOTIFICATIONSERVICE'].methods_by_name['Subscribe']._loaded_options = None
   _globals['_NOTIFICATIONSERVICE'].methods_by_name['Subscribe']._serialized_options = b'\220\002\001\312\363\030\002\010\002\202\323\344\223\002\036\022\034/api/v1/notifications/stream'
   _globals['_NOTIFICATIONSERVICE'].methods_by_name['ListNotifications']._loaded_options = None
@@ -82,38 +87,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NOTIFICATIONSERVICE'].methods_by_name['UpdatePreferences']._serialized_options = b'\220\002\002\312\363\030\002\010\002\202\323\344\223\00202!/api/v1/notifications/preferences:\013preferences'
   _globals['_NOTIFICATIONSERVICE'].methods_by_name['Notify']._loaded_options = None
   _globals['_NOTIFICATIONSERVICE'].methods_by_name['Notify']._serialized_options = b'\312\363\030\034\010\005\"\004auth\"\004user\"\006course\"\004file'
-  _globals['_NOTIFICATION']._serialized_start=270
-  _globals['_NOTIFICATION']._serialized_end=449
-  _globals['_NOTIFICATIONPREFERENCES']._serialized_start=452
-  _globals['_NOTIFICATIONPREFERENCES']._serialized_end=631
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=633
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=682
-  _globals['_SUBSCRIBERESPONSE']._serialized_start=684
-  _globals['_SUBSCRIBERESPONSE']._serialized_end=766
-  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_start=768
-  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_end=894
-  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_start=896
-  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_end=1012
-  _globals['_MARKREADREQUEST']._serialized_start=1014
-  _globals['_MARKREADREQUEST']._serialized_end=1066
-  _globals['_MARKREADRESPONSE']._serialized_start=1068
-  _globals['_MARKREADRESPONSE']._serialized_end=1086
-  _globals['_MARKALLREADREQUEST']._serialized_start=1088
-  _globals['_MARKALLREADREQUEST']._serialized_end=1108
-  _globals['_MARKALLREADRESPONSE']._serialized_start=1110
-  _globals['_MARKALLREADRESPONSE']._serialized_end=1147
-  _globals['_GETPREFERENCESREQUEST']._serialized_start=1149
-  _globals['_GETPREFERENCESREQUEST']._serialized_end=1172
-  _globals['_GETPREFERENCESRESPONSE']._serialized_start=1174
-  _globals['_GETPREFERENCESRESPONSE']._serialized_end=1271
-  _globals['_UPDATEPREFERENCESREQUEST']._serialized_start=1274
-  _globals['_UPDATEPREFERENCESREQUEST']._serialized_end=1438
-  _globals['_UPDATEPREFERENCESRESPONSE']._serialized_start=1440
-  _globals['_UPDATEPREFERENCESRESPONSE']._serialized_end=1540
-  _globals['_NOTIFYREQUEST']._serialized_start=1543
-  _globals['_NOTIFYREQUEST']._serialized_end=1814
-  _globals['_NOTIFYRESPONSE']._serialized_start=1816
-  _globals['_NOTIFYRESPONSE']._serialized_end=1895
-  _globals['_NOTIFICATIONSERVICE']._serialized_start=1898
-  _globals['_NOTIFICATIONSERVICE']._serialized_end=3068
+  _globals['_NOTIFICATION']._serialized_start=302
+  _globals['_NOTIFICATION']._serialized_end=507
+  _globals['_NOTIFICATIONPREFERENCES']._serialized_start=510
+  _globals['_NOTIFICATIONPREFERENCES']._serialized_end=848
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=850
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=899
+  _globals['_SUBSCRIBERESPONSE']._serialized_start=901
+  _globals['_SUBSCRIBERESPONSE']._serialized_end=983
+  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_start=985
+  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_end=1111
+  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_start=1113
+  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_end=1229
+  _globals['_MARKREADREQUEST']._serialized_start=1231
+  _globals['_MARKREADREQUEST']._serialized_end=1283
+  _globals['_MARKREADRESPONSE']._serialized_start=1285
+  _globals['_MARKREADRESPONSE']._serialized_end=1303
+  _globals['_MARKALLREADREQUEST']._serialized_start=1305
+  _globals['_MARKALLREADREQUEST']._serialized_end=1325
+  _globals['_MARKALLREADRESPONSE']._serialized_start=1327
+  _globals['_MARKALLREADRESPONSE']._serialized_end=1364
+  _globals['_GETPREFERENCESREQUEST']._serialized_start=1366
+  _globals['_GETPREFERENCESREQUEST']._serialized_end=1389
+  _globals['_GETPREFERENCESRESPONSE']._serialized_start=1391
+  _globals['_GETPREFERENCESRESPONSE']._serialized_end=1488
+  _globals['_UPDATEPREFERENCESREQUEST']._serialized_start=1491
+  _globals['_UPDATEPREFERENCESREQUEST']._serialized_end=1836
+  _globals['_UPDATEPREFERENCESRESPONSE']._serialized_start=1838
+  _globals['_UPDATEPREFERENCESRESPONSE']._serialized_end=1938
+  _globals['_NOTIFYREQUEST']._serialized_start=1941
+  _globals['_NOTIFYREQUEST']._serialized_end=2340
+  _globals['_NOTIFYRESPONSE']._serialized_start=2342
+  _globals['_NOTIFYRESPONSE']._serialized_end=2421
+  _globals['_NOTIFICATIONSERVICE']._serialized_start=2424
+  _globals['_NOTIFICATIONSERVICE']._serialized_end=3594
 # @@protoc_insertion_point(module_scope)

@@ -30,9 +30,10 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from learnmesh.common.v1 import access_pb2 as learnmesh_dot_common_dot_v1_dot_access__pb2
 from learnmesh.common.v1 import common_pb2 as learnmesh_dot_common_dot_v1_dot_common__pb2
+from learnmesh.common.v1 import text_pb2 as learnmesh_dot_common_dot_v1_dot_text__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1clearnmesh/user/v1/user.proto\x12\x11learnmesh.user.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a learnmesh/common/v1/access.proto\x1a learnmesh/common/v1/common.proto\"\xc6\x01\n\x0bPreferences\x12\x31\n\x05theme\x18\x01 \x01(\x0e\x32\x18.learnmesh.user.v1.ThemeB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12&\n\x08language\x18\x02 \x01(\tB\x14\xbaH\x11r\x0c\x32\n^[a-z]{2}$\xd8\x01\x01\x12\\\n\x15notification_channels\x18\x03 \x03(\x0e\x32(.learnmesh.common.v1.NotificationChannelB\x13\xbaH\x10\x92\x01\r\x10\x03\x18\x01\"\x07\x82\x01\x04\x10\x01 \x00\"\xf1\x02\n\x04User\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x05\x65mail\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x18\n\navatar_url\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x0b\n\x03\x62io\x18\x05 \x01(\t\x12+\n\x04role\x18\x06 \x01(\x0e\x32\x17.learnmesh.user.v1.RoleB\x04\xe2\x41\x01\x03\x12\x37\n\x04tier\x18\x07 \x01(\x0e\x32#.learnmesh.user.v1.SubscriptionTierB\x04\xe2\x41\x01\x03\x12\x33\n\x0bpreferences\x18\x08 \x01(\x0b\x32\x1e.learnmesh.user.v1.Preferences\x12\x34\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x34\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"\x7f\n\rProfileUpdate\x12\"\n\x0c\x64isplay_name\x18\x01 \x01(\tB\x0c\xbaH\tr\x04\x10\x02\x18\x32\xd8\x01\x01\x12\x15\n\x03\x62io\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\xf4\x03\x12\x33\n\x0bpreferences\x18\x03 \x01(\x0b\x32\x1e.learnmesh.user.v1.Preferences\"\x0e\n\x0cGetMeRequest\"6\n\rGetMeResponse\x12%\n\x04user\x18\x01 \x01(\x0b\x32\x17.learnmesh.user.v1.User\"\x85\x01\n\x0fUpdateMeRequest\x12\x39\n\x07profile\x18\x01 \x01(\x0b\x32 .learnmesh.user.v1.ProfileUpdateB\x06\xbaH\x03\xc8\x01\x01\x12\x37\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x06\xbaH\x03\xc8\x01\x01\"9\n\x10UpdateMeResponse\x12%\n\x04user\x18\x01 \x01(\x0b\x32\x17.learnmesh.user.v1.User\"+\n\x0eGetUserRequest\x12\x19\n\x07user_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"8\n\x0fGetUserResponse\x12%\n\x04user\x18\x01 \x01(\x0b\x32\x17.learnmesh.user.v1.User\"\xaa\x01\n\x10ListUsersRequest\x12!\n\tpage_size\x18\x01 \x01(\x05\x42\t\xbaH\x06\x1a\x04\x18\x64(\x01H\x00\x88\x01\x01\x12\x1c\n\npage_token\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\x12/\n\x04role\x18\x03 \x01(\x0e\x32\x17.learnmesh.user.v1.RoleB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x16\n\x05query\x18\x04 \x01(\tB\x07\xbaH\x04r\x02\x18\x64\x42\x0c\n\n_page_size\"T\n\x11ListUsersResponse\x12&\n\x05users\x18\x01 \x03(\x0b\x32\x17.learnmesh.user.v1.User\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"^\n\x0eSetRoleRequest\x12\x19\n\x07user_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\x12\x31\n\x04role\x18\x02 \x01(\x0e\x32\x17.learnmesh.user.v1.RoleB\n\xbaH\x07\x82\x01\x04\x10\x01 \x00\"8\n\x0fSetRoleResponse\x12%\n\x04user\x18\x01 \x01(\x0b\x32\x17.learnmesh.user.v1.User\".\n\x11\x44\x65leteUserRequest\x12\x19\n\x07user_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"\x14\n\x12\x44\x65leteUserResponse\"-\n\x10SetAvatarRequest\x12\x19\n\x07\x66ile_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\":\n\x11SetAvatarResponse\x12%\n\x04user\x18\x01 \x01(\x0b\x32\x17.learnmesh.user.v1.User\"j\n\x11\x43reateUserRequest\x12\x19\n\x07user_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\x12\x19\n\x05\x65mail\x18\x02 \x01(\tB\n\xbaH\x07r\x05\x18\xfe\x01`\x01\x12\x1f\n\x0c\x64isplay_name\x18\x03 \x01(\tB\t\xbaH\x06r\x04\x10\x02\x18\x32\";\n\x12\x43reateUserResponse\x12%\n\x04user\x18\x01 \x01(\x0b\x32\x17.learnmesh.user.v1.User\";\n\x14\x42\x61tchGetUsersRequest\x12#\n\x08user_ids\x18\x01 \x03(\tB\x11\xbaH\x0e\x92\x01\x0b\x08\x01\x10\x64\"\x05r\x03\xb0\x01\x01\"?\n\x15\x42\x61tchGetUsersResponse\x12&\n\x05users\x18\x01 \x03(\x0b\x32\x17.learnmesh.user.v1.User*~\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_ADMIN\x10\x01\x12\x13\n\x0fROLE_INSTRUCTOR\x10\x02\x12\x12\n\x0eROLE_MODERATOR\x10\x03\x12\x13\n\x0fROLE_SUBSCRIBER\x10\x04\x12\x12\n\x0eROLE_FREE_USER\x10\x05*\xab\x01\n\x10SubscriptionTier\x12!\n\x1dSUBSCRIPTION_TIER_UNSPECIFIED\x10\x00\x12\x1a\n\x16SUBSCRIPTION_TIER_FREE\x10\x01\x12\x1b\n\x17SUBSCRIPTION_TIER_BASIC\x10\x02\x12\x19\n\x15SUBSCRIPTION_TIER_PRO\x10\x03\x12 \n\x1cSUBSCRIPTION_TIER_ENTERPRISE\x10\x04*Q\n\x05Theme\x12\x15\n\x11THEME_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTHEME_LIGHT\x10\x01\x12\x0e\n\nTHEME_DARK\x10\x02\x12\x10\n\x0cTHEME_SYSTEM\x10\x03\x32\xa5\t\n\x0bUserService\x12m\n\x05GetMe\x12\x1f.learnmesh.user.v1.GetMeRequest\x1a .learnmesh.user.v1.GetMeResponse\"!\x90\x02\x01\xca\xf3\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x12\x12\x10/api/v1/users/me\x12\x7f\n\x08UpdateMe\x12\".learnmesh.user.v1.UpdateMeRequest\x1a#.learnmesh.user.v1.UpdateMeResponse\"*\x90\x02\x02\xca\xf3\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x1b\x32\x10/api/v1/users/me:\x07profile\x12\x83\x01\n\x07GetUser\x12!.learnmesh.user.v1.GetUserRequest\x1a\".learnmesh.user.v1.GetUserResponse\"1\x90\x02\x01\xca\xf3\x18\x0b\x08\x03\x1a\x07user_id\x82\xd3\xe4\x93\x02\x19\x12\x17/api/v1/users/{user_id}\x12}\n\tListUsers\x12#.learnmesh.user.v1.ListUsersRequest\x1a$.learnmesh.user.v1.ListUsersResponse\"%\x90\x02\x01\xca\xf3\x18\t\x08\x04\x12\x05\x61\x64min\x82\xd3\xe4\x93\x02\x0f\x12\r/api/v1/users\x12\x8b\x01\n\x07SetRole\x12!.learnmesh.user.v1.SetRoleRequest\x1a\".learnmesh.user.v1.SetRoleResponse\"9\x90\x02\x02\xca\xf3\x18\x0b\x08\x04\x12\x05\x61\x64min0\x01\x82\xd3\xe4\x93\x02!\"\x1c/api/v1/users/{user_id}/role:\x01*\x12\x8e\x01\n\nDeleteUser\x12$.learnmesh.user.v1.DeleteUserRequest\x1a%.learnmesh.user.v1.DeleteUserResponse\"3\x90\x02\x02\xca\xf3\x18\r\x08\x03\x1a\x07user_id0\x01\x82\xd3\xe4\x93\x02\x19*\x17/api/v1/users/{user_id}\x12\x83\x01\n\tSetAvatar\x12#.learnmesh.user.v1.SetAvatarRequest\x1a$.learnmesh.user.v1.SetAvatarResponse\"+\x90\x02\x02\xca\xf3\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x1c\x1a\x17/api/v1/users/me/avatar:\x01*\x12j\n\nCreateUser\x12$.learnmesh.user.v1.CreateUserRequest\x1a%.learnmesh.user.v1.CreateUserResponse\"\x0f\x90\x02\x02\xca\xf3\x18\x08\x08\x05\"\x04\x61uth\x12\x8f\x01\n\rBatchGetUsers\x12\'.learnmesh.user.v1.BatchGetUsersRequest\x1a(.learnmesh.user.v1.BatchGetUsersResponse\"+\x90\x02\x01\xca\xf3\x18$\x08\x05\"\x04\x61uth\"\x06\x63ourse\"\x04\x66ile\"\x0cnotificationb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1clearnmesh/user/v1/user.proto\x12\x11learnmesh.user.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a learnmesh/common/v1/access.proto\x1a learnmesh/common/v1/common.proto\x1a\x1elearnmesh/common/v1/text.proto\"\xac\x02\n\x0bPreferences\x12\x31\n\x05theme\x18\x01 \x01(\x0e\x32\x18.learnmesh.user.v1.ThemeB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x8b\x01\n\x08language\x18\x02 \x01(\tBy\xbaHv\xba\x01p\n\x11language.iso639_1\x12?must be an ISO 639-1 code of two lower-case letters, such as en\x1a\x1athis.matches(\'^[a-z]{2}$\')\xd8\x01\x01\x12\\\n\x15notification_channels\x18\x03 \x03(\x0e\x32(.learnmesh.common.v1.NotificationChannelB\x13\xbaH\x10\x92\x01\r\x10\x03\x18\x01\"\x07\x82\x01\x04\x10\x01 \x00\"\x8b\x03\n\x04User\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x05\x65mail\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12#\n\x0c\x64isplay_name\x18\x03 \x01(\tB\r\xbaH\nr\x08\xe8\xf9\x18\x01\xf8\xf9\x18\x01\x12\x18\n\navatar_url\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x03\x62io\x18\x05 \x01(\tB\t\xbaH\x06r\x04\xf0\xf9\x18\x01\x12+\n\x04role\x18\x06 \x01(\x0e\x32\x17.learnmesh.user.v1.RoleB\x04\xe2\x41\x01\x03\x12\x37\n\x04tier\x18\x07 \x01(\x0e\x32#.learnmesh.user.v1.SubscriptionTierB\x04\xe2\x41\x01\x03\x12\x33\n\x0bpreferences\x18\x08 \x01(\x0b\x32\x1e.learnmesh.user.v1.Preferences\x12\x34\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x34\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"\x8b\x01\n\rProfileUpdate\x12*\n\x0c\x64isplay_name\x18\x01 \x01(\tB\x14\xbaH\x11r\x0c\x10\x02\x18\x32\xe8\xf9\x18\x01\xf8\xf9\x18\x01\xd8\x01\x01\x12\x19\n\x03\x62io\x18\x02 \x01(\tB\x0c\xbaH\tr\x07\x18\xf4\x03\xf0\xf9\x18\x01\x12\x33\n\x0bpreferences\x18\x03 \x01(\x0b\x32\x1e.learnmesh.user.v1.Preferences\"\x0e\n\x0cGetMeRequest\"6\n\rGetMeResponse\x12%\n\x04user\x18\x01 \x01(\x0b\x32\x17.learnmesh.user.v1.User\"\xba\x02\n\x0fUpdateMeRequest\x12\x39\n\x07profile\x18\x01 \x01(\x0b\x32 .learnmesh.user.v1.ProfileUpdateB\x06\xbaH\x03\xc8\x01\x01\x12\xeb\x01\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\xb9\x01\xbaH\xb5\x01\xba\x01G\n\x15update_mask.max_paths\x12\x15name at most 16 paths\x1a\x17this.paths.size() <= 16\xba\x01\x65\n\x17update_mask.path_length\x12\'each path must be at most 64 characters\x1a!this.paths.all(p, p.size() <= 64)\xc8\x01\x01\"9\n\x10UpdateMeResponse\x12%\n\x04user\x18\x01 \x01(\x0b\x32\x17.learnmesh.user.v1.User\"+\n\x0eGetUserRequest\x12\x19\n\x07user_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"8\n\x0fGetUserResponse\x12%\n\x04user\x18\x01 \x01(\x0b\x32\x17.learnmesh.user.v1.User\"\xae\x01\n\x10ListUsersRequest\x12!\n\tpage_size\x18\x01 \x01(\x05\x42\t\xbaH\x06\x1a\x04\x18\x64(\x01H\x00\x88\x01\x01\x12\x1c\n\npage_token\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\x12/\n\x04role\x18\x03 \x01(\x0e\x32\x17.learnmesh.user.v1.RoleB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x1a\n\x05query\x18\x04 \x01(\tB\x0b\xbaH\x08r\x06\x18\x64\xe8\xf9\x18\x01\x42\x0c\n\n_page_size\"T\n\x11ListUsersResponse\x12&\n\x05users\x18\x01 \x03(\x0b\x32\x17.learnmesh.user.v1.User\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"^\n\x0eSetRoleRequest\x12\x19\n\x07user_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\x12\x31\n\x04role\x18\x02 \x01(\x0e\x32\x17.learnmesh.user.v1.RoleB\n\xbaH\x07\x82\x01\x04\x10\x01 \x00\"8\n\x0fSetRoleResponse\x12%\n\x04user\x18\x01 \x01(\x0b\x32\x17.learnmesh.user.v1.User\".\n\x11\x44\x65leteUserRequest\x12\x19\n\x07user_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"\x14\n\x12\x44\x65leteUserResponse\"-\n\x10SetAvatarRequest\x12\x19\n\x07\x66ile_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\":\n\x11SetAvatarResponse\x12%\n\x04user\x18\x01 \x01(\x0b\x32\x17.learnmesh.user.v1.User\"r\n\x11\x43reateUserRequest\x12\x19\n\x07user_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\x12\x19\n\x05\x65mail\x18\x02 \x01(\tB\n\xbaH\x07r\x05\x18\xfe\x01`\x01\x12\'\n\x0c\x64isplay_name\x18\x03 \x01(\tB\x11\xbaH\x0er\x0c\x10\x02\x18\x32\xe8\xf9\x18\x01\xf8\xf9\x18\x01\";\n\x12\x43reateUserResponse\x12%\n\x04user\x18\x01 \x01(\x0b\x32\x17.learnmesh.user.v1.User\";\n\x14\x42\x61tchGetUsersRequest\x12#\n\x08user_ids\x18\x01 \x03(\tB\x11\xbaH\x0e\x92\x01\x0b\x08\x01\x10\x64\"\x05r\x03\xb0\x01\x01\"?\n\x15\x42\x61tchGetUsersResponse\x12&\n\x05users\x18\x01 \x03(\x0b\x32\x17.learnmesh.user.v1.User*~\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_ADMIN\x10\x01\x12\x13\n\x0fROLE_INSTRUCTOR\x10\x02\x12\x12\n\x0eROLE_MODERATOR\x10\x03\x12\x13\n\x0fROLE_SUBSCRIBER\x10\x04\x12\x12\n\x0eROLE_FREE_USER\x10\x05*\xab\x01\n\x10SubscriptionTier\x12!\n\x1dSUBSCRIPTION_TIER_UNSPECIFIED\x10\x00\x12\x1a\n\x16SUBSCRIPTION_TIER_FREE\x10\x01\x12\x1b\n\x17SUBSCRIPTION_TIER_BASIC\x10\x02\x12\x19\n\x15SUBSCRIPTION_TIER_PRO\x10\x03\x12 \n\x1cSUBSCRIPTION_TIER_ENTERPRISE\x10\x04*Q\n\x05Theme\x12\x15\n\x11THEME_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTHEME_LIGHT\x10\x01\x12\x0e\n\nTHEME_DARK\x10\x02\x12\x10\n\x0cTHEME_SYSTEM\x10\x03\x32\xa5\t\n\x0bUserService\x12m\n\x05GetMe\x12\x1f.learnmesh.user.v1.GetMeRequest\x1a .learnmesh.user.v1.GetMeResponse\"!\x90\x02\x01\xca\xf3\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x12\x12\x10/api/v1/users/me\x12\x7f\n\x08UpdateMe\x12\".learnmesh.user.v1.UpdateMeRequest\x1a#.learnmesh.user.v1.UpdateMeResponse\"*\x90\x02\x02\xca\xf3\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x1b\x32\x10/api/v1/users/me:\x07profile\x12\x83\x01\n\x07GetUser\x12!.learnmesh.user.v1.GetUserRequest\x1a\".learnmesh.user.v1.GetUserResponse\"1\x90\x02\x01\xca\xf3\x18\x0b\x08\x03\x1a\x07user_id\x82\xd3\xe4\x93\x02\x19\x12\x17/api/v1/users/{user_id}\x12}\n\tListUsers\x12#.learnmesh.user.v1.ListUsersRequest\x1a$.learnmesh.user.v1.ListUsersResponse\"%\x90\x02\x01\xca\xf3\x18\t\x08\x04\x12\x05\x61\x64min\x82\xd3\xe4\x93\x02\x0f\x12\r/api/v1/users\x12\x8b\x01\n\x07SetRole\x12!.learnmesh.user.v1.SetRoleRequest\x1a\".learnmesh.user.v1.SetRoleResponse\"9\x90\x02\x02\xca\xf3\x18\x0b\x08\x04\x12\x05\x61\x64min0\x01\x82\xd3\xe4\x93\x02!\"\x1c/api/v1/users/{user_id}/role:\x01*\x12\x8e\x01\n\nDeleteUser\x12$.learnmesh.user.v1.DeleteUserRequest\x1a%.learnmesh.user.v1.DeleteUserResponse\"3\x90\x02\x02\xca\xf3\x18\r\x08\x03\x1a\x07user_id0\x01\x82\xd3\xe4\x93\x02\x19*\x17/api/v1/users/{user_id}\x12\x83\x01\n\tSetAvatar\x12#.learnmesh.user.v1.SetAvatarRequest\x1a$.learnmesh.user.v1.SetAvatarResponse\"+\x90\x02\x02\xca\xf3\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x1c\x1a\x17/api/v1/users/me/avatar:\x01*\x12j\n\nCreateUser\x12$.learnmesh.user.v1.CreateUserRequest\x1a%.learnmesh.user.v1.CreateUserResponse\"\x0f\x90\x02\x02\xca\xf3\x18\x08\x08\x05\"\x04\x61uth\x12\x8f\x01\n\rBatchGetUsers\x12\'.learnmesh.user.v1.BatchGetUsersRequest\x1a(.learnmesh.user.v1.BatchGetUsersResponse\"+\x90\x02\x01\xca\xf3\x18$\x08\x05\"\x04\x61uth\"\x06\x63ourse\"\x04\x66ile\"\x0cnotificationb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,15 +43,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFERENCES'].fields_by_name['theme']._loaded_options = None
   _globals['_PREFERENCES'].fields_by_name['theme']._serialized_options = b'\272H\005\202\001\002\020\001'
   _globals['_PREFERENCES'].fields_by_name['language']._loaded_options = None
-  _globals['_PREFERENCES'].fields_by_name['language']._serialized_options = b'\272H\021r\0142\n^[a-z]{2}$\330\001\001'
+  _globals['_PREFERENCES'].fields_by_name['language']._serialized_options = b'\272Hv\272\001p\n\021language.iso639_1\022?must be an ISO 639-1 code of two lower-case letters, such as en\032\032this.matches(\'^[a-z]{2}$\')\330\001\001'
   _globals['_PREFERENCES'].fields_by_name['notification_channels']._loaded_options = None
   _globals['_PREFERENCES'].fields_by_name['notification_channels']._serialized_options = b'\272H\020\222\001\r\020\003\030\001\"\007\202\001\004\020\001 \000'
   _globals['_USER'].fields_by_name['id']._loaded_options = None
   _globals['_USER'].fields_by_name['id']._serialized_options = b'\342A\001\003'
   _globals['_USER'].fields_by_name['email']._loaded_options = None
   _globals['_USER'].fields_by_name['email']._serialized_options = b'\342A\001\003'
+  _globals['_USER'].fields_by_name['display_name']._loaded_options = None
+  _globals['_USER'].fields_by_name['display_name']._serialized_options = b'\272H\nr\010\350\371\030\001\370\371\030\001'
   _globals['_USER'].fields_by_name['avatar_url']._loaded_options = None
   _globals['_USER'].fields_by_name['avatar_url']._serialized_options = b'\342A\001\003'
+  _globals['_USER'].fields_by_name['bio']._loaded_options = None
+  _globals['_USER'].fields_by_name['bio']._serialized_options = b'\272H\006r\004\360\371\030\001'
   _globals['_USER'].fields_by_name['role']._loaded_options = None
   _globals['_USER'].fields_by_name['role']._serialized_options = b'\342A\001\003'
   _globals['_USER'].fields_by_name['tier']._loaded_options = None
@@ -60,13 +65,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USER'].fields_by_name['updated_at']._loaded_options = None
   _globals['_USER'].fields_by_name['updated_at']._serialized_options = b'\342A\001\003'
   _globals['_PROFILEUPDATE'].fields_by_name['display_name']._loaded_options = None
-  _globals['_PROFILEUPDATE'].fields_by_name['display_name']._serialized_options = b'\272H\tr\004\020\002\0302\330\001\001'
+  _globals['_PROFILEUPDATE'].fields_by_name['display_name']._serialized_options = b'\272H\021r\014\020\002\0302\350\371\030\001\370\371\030\001\330\001\001'
   _globals['_PROFILEUPDATE'].fields_by_name['bio']._loaded_options = None
-  _globals['_PROFILEUPDATE'].fields_by_name['bio']._serialized_options = b'\272H\005r\003\030\364\003'
+  _globals['_PROFILEUPDATE'].fields_by_name['bio']._serialized_options = b'\272H\tr\007\030\364\003\360\371\030\001'
   _globals['_UPDATEMEREQUEST'].fields_by_name['profile']._loaded_options = None
   _globals['_UPDATEMEREQUEST'].fields_by_name['profile']._serialized_options = b'\272H\003\310\001\001'
   _globals['_UPDATEMEREQUEST'].fields_by_name['update_mask']._loaded_options = None
-  _globals['_UPDATEMEREQUEST'].fields_by_name['update_mask']._serialized_options = b'\272H\003\310\001\001'
+  _globals['_UPDATEMEREQUEST'].fields_by_name['update_mask']._serialized_options = b'\272H\265\001\272\001G\n\025update_mask.max_paths\022\025name at most 16 paths\032\027this.paths.size() <= 16\272\001e\n\027update_mask.path_length\022\'each path must be at most 64 characters\032!this.paths.all(p, p.size() <= 64)\310\001\001'
   _globals['_GETUSERREQUEST'].fields_by_name['user_id']._loaded_options = None
   _globals['_GETUSERREQUEST'].fields_by_name['user_id']._serialized_options = b'\272H\005r\003\260\001\001'
   _globals['_LISTUSERSREQUEST'].fields_by_name['page_size']._loaded_options = None
@@ -76,7 +81,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTUSERSREQUEST'].fields_by_name['role']._loaded_options = None
   _globals['_LISTUSERSREQUEST'].fields_by_name['role']._serialized_options = b'\272H\005\202\001\002\020\001'
   _globals['_LISTUSERSREQUEST'].fields_by_name['query']._loaded_options = None
-  _globals['_LISTUSERSREQUEST'].fields_by_name['query']._serialized_options = b'\272H\004r\002\030d'
+  _globals['_LISTUSERSREQUEST'].fields_by_name['query']._serialized_options = b'\272H\010r\006\030d\350\371\030\001'
   _globals['_SETROLEREQUEST'].fields_by_name['user_id']._loaded_options = None
   _globals['_SETROLEREQUEST'].fields_by_name['user_id']._serialized_options = b'\272H\005r\003\260\001\001'
   _globals['_SETROLEREQUEST'].fields_by_name['role']._loaded_options = None
@@ -90,7 +95,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATEUSERREQUEST'].fields_by_name['email']._loaded_options = None
   _globals['_CREATEUSERREQUEST'].fields_by_name['email']._serialized_options = b'\272H\007r\005\030\376\001`\001'
   _globals['_CREATEUSERREQUEST'].fields_by_name['display_name']._loaded_options = None
-  _globals['_CREATEUSERREQUEST'].fields_by_name['display_name']._serialized_options = b'\272H\006r\004\020\002\0302'
+  _globals['_CREATEUSERREQUEST'].fields_by_name['display_name']._serialized_options = b'\272H\016r\014\020\002\0302\350\371\030\001\370\371\030\001'
   _globals['_BATCHGETUSERSREQUEST'].fields_by_name['user_ids']._loaded_options = None
   _globals['_BATCHGETUSERSREQUEST'].fields_by_name['user_ids']._serialized_options = b'\272H\016\222\001\013\010\001\020d\"\005r\003\260\001\001'
   _globals['_USERSERVICE'].methods_by_name['GetMe']._loaded_options = None
@@ -111,54 +116,54 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USERSERVICE'].methods_by_name['CreateUser']._serialized_options = b'\220\002\002\312\363\030\010\010\005\"\004auth'
   _globals['_USERSERVICE'].methods_by_name['BatchGetUsers']._loaded_options = None
   _globals['_USERSERVICE'].methods_by_name['BatchGetUsers']._serialized_options = b'\220\002\001\312\363\030$\010\005\"\004auth\"\006course\"\004file\"\014notification'
-  _globals['_ROLE']._serialized_start=2235
-  _globals['_ROLE']._serialized_end=2361
-  _globals['_SUBSCRIPTIONTIER']._serialized_start=2364
-  _globals['_SUBSCRIPTIONTIER']._serialized_end=2535
-  _globals['_THEME']._serialized_start=2537
-  _globals['_THEME']._serialized_end=2618
-  _globals['_PREFERENCES']._serialized_start=279
-  _globals['_PREFERENCES']._serialized_end=477
-  _globals['_USER']._serialized_start=480
-  _globals['_USER']._serialized_end=849
-  _globals['_PROFILEUPDATE']._serialized_start=851
-  _globals['_PROFILEUPDATE']._serialized_end=978
-  _globals['_GETMEREQUEST']._serialized_start=980
-  _globals['_GETMEREQUEST']._serialized_end=994
-  _globals['_GETMERESPONSE']._serialized_start=996
-  _globals['_GETMERESPONSE']._serialized_end=1050
-  _globals['_UPDATEMEREQUEST']._serialized_start=1053
-  _globals['_UPDATEMEREQUEST']._serialized_end=1186
-  _globals['_UPDATEMERESPONSE']._serialized_start=1188
-  _globals['_UPDATEMERESPONSE']._serialized_end=1245
-  _globals['_GETUSERREQUEST']._serialized_start=1247
-  _globals['_GETUSERREQUEST']._serialized_end=1290
-  _globals['_GETUSERRESPONSE']._serialized_start=1292
-  _globals['_GETUSERRESPONSE']._serialized_end=1348
-  _globals['_LISTUSERSREQUEST']._serialized_start=1351
-  _globals['_LISTUSERSREQUEST']._serialized_end=1521
-  _globals['_LISTUSERSRESPONSE']._serialized_start=1523
-  _globals['_LISTUSERSRESPONSE']._serialized_end=1607
-  _globals['_SETROLEREQUEST']._serialized_start=1609
-  _globals['_SETROLEREQUEST']._serialized_end=1703
-  _globals['_SETROLERESPONSE']._serialized_start=1705
-  _globals['_SETROLERESPONSE']._serialized_end=1761
-  _globals['_DELETEUSERREQUEST']._serialized_start=1763
-  _globals['_DELETEUSERREQUEST']._serialized_end=1809
-  _globals['_DELETEUSERRESPONSE']._serialized_start=1811
-  _globals['_DELETEUSERRESPONSE']._serialized_end=1831
-  _globals['_SETAVATARREQUEST']._serialized_start=1833
-  _globals['_SETAVATARREQUEST']._serialized_end=1878
-  _globals['_SETAVATARRESPONSE']._serialized_start=1880
-  _globals['_SETAVATARRESPONSE']._serialized_end=1938
-  _globals['_CREATEUSERREQUEST']._serialized_start=1940
-  _globals['_CREATEUSERREQUEST']._serialized_end=2046
-  _globals['_CREATEUSERRESPONSE']._serialized_start=2048
-  _globals['_CREATEUSERRESPONSE']._serialized_end=2107
-  _globals['_BATCHGETUSERSREQUEST']._serialized_start=2109
-  _globals['_BATCHGETUSERSREQUEST']._serialized_end=2168
-  _globals['_BATCHGETUSERSRESPONSE']._serialized_start=2170
-  _globals['_BATCHGETUSERSRESPONSE']._serialized_end=2233
-  _globals['_USERSERVICE']._serialized_start=2621
-  _globals['_USERSERVICE']._serialized_end=3810
+  _globals['_ROLE']._serialized_start=2601
+  _globals['_ROLE']._serialized_end=2727
+  _globals['_SUBSCRIPTIONTIER']._serialized_start=2730
+  _globals['_SUBSCRIPTIONTIER']._serialized_end=2901
+  _globals['_THEME']._serialized_start=2903
+  _globals['_THEME']._serialized_end=2984
+  _globals['_PREFERENCES']._serialized_start=311
+  _globals['_PREFERENCES']._serialized_end=611
+  _globals['_USER']._serialized_start=614
+  _globals['_USER']._serialized_end=1009
+  _globals['_PROFILEUPDATE']._serialized_start=1012
+  _globals['_PROFILEUPDATE']._serialized_end=1151
+  _globals['_GETMEREQUEST']._serialized_start=1153
+  _globals['_GETMEREQUEST']._serialized_end=1167
+  _globals['_GETMERESPONSE']._serialized_start=1169
+  _globals['_GETMERESPONSE']._serialized_end=1223
+  _globals['_UPDATEMEREQUEST']._serialized_start=1226
+  _globals['_UPDATEMEREQUEST']._serialized_end=1540
+  _globals['_UPDATEMERESPONSE']._serialized_start=1542
+  _globals['_UPDATEMERESPONSE']._serialized_end=1599
+  _globals['_GETUSERREQUEST']._serialized_start=1601
+  _globals['_GETUSERREQUEST']._serialized_end=1644
+  _globals['_GETUSERRESPONSE']._serialized_start=1646
+  _globals['_GETUSERRESPONSE']._serialized_end=1702
+  _globals['_LISTUSERSREQUEST']._serialized_start=1705
+  _globals['_LISTUSERSREQUEST']._serialized_end=1879
+  _globals['_LISTUSERSRESPONSE']._serialized_start=1881
+  _globals['_LISTUSERSRESPONSE']._serialized_end=1965
+  _globals['_SETROLEREQUEST']._serialized_start=1967
+  _globals['_SETROLEREQUEST']._serialized_end=2061
+  _globals['_SETROLERESPONSE']._serialized_start=2063
+  _globals['_SETROLERESPONSE']._serialized_end=2119
+  _globals['_DELETEUSERREQUEST']._serialized_start=2121
+  _globals['_DELETEUSERREQUEST']._serialized_end=2167
+  _globals['_DELETEUSERRESPONSE']._serialized_start=2169
+  _globals['_DELETEUSERRESPONSE']._serialized_end=2189
+  _globals['_SETAVATARREQUEST']._serialized_start=2191
+  _globals['_SETAVATARREQUEST']._serialized_end=2236
+  _globals['_SETAVATARRESPONSE']._serialized_start=2238
+  _globals['_SETAVATARRESPONSE']._serialized_end=2296
+  _globals['_CREATEUSERREQUEST']._serialized_start=2298
+  _globals['_CREATEUSERREQUEST']._serialized_end=2412
+  _globals['_CREATEUSERRESPONSE']._serialized_start=2414
+  _globals['_CREATEUSERRESPONSE']._serialized_end=2473
+  _globals['_BATCHGETUSERSREQUEST']._serialized_start=2475
+  _globals['_BATCHGETUSERSREQUEST']._serialized_end=2534
+  _globals['_BATCHGETUSERSRESPONSE']._serialized_start=2536
+  _globals['_BATCHGETUSERSRESPONSE']._serialized_end=2599
+  _globals['_USERSERVICE']._serialized_start=2987
+  _globals['_USERSERVICE']._serialized_end=4176
 # @@protoc_insertion_point(module_scope)

@@ -173,6 +173,7 @@ class ProfileUpdate(_message.Message):
     PREFERENCES_FIELD_NUMBER: _builtins.int
     display_name: _builtins.str
     bio: _builtins.str
+    """Line breaks and tabs allowed."""
     @_builtins.property
     def preferences(self) -> Global___Preferences: ...
     def __init__(
