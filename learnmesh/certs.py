@@ -4,6 +4,12 @@ Every certificate names its holder with exactly one URI SAN, a SPIFFE ID:
 ``spiffe://<trust-domain>/service/<name>`` for mesh services, ``…/client/<name>`` for
 other callers. Servers also carry DNS/IP SANs so clients can verify the host they dial.
 Keys are EC P-256, written with mode 0600.
+
+A holder's name becomes both a file name (``<name>.pem``, ``<name>-key.pem``) and a SPIFFE
+path segment, so it is held to a safe charset (:data:`NAME_PATTERN`); ``ca`` and names
+ending ``-key`` are refused because their files would be (or collide with) the CA's or
+another holder's key. Each file is replaced atomically (written beside, then renamed), so a
+process reading one during a rotation never sees half a file.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +29,24 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 DEFAULT_DNS = ("localhost",)
 DEFAULT_IPS = ("127.0.0.1", "::1")
+# Lower-case letters, digits, '.', '_' and '-', starting with a letter or digit (so never a
+# dot file, a path separator or ".."), at most 63 characters.
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+CA_NAME = "ca"
+
+
+def check_name(name: str) -> str:
+    """``name`` if it may name a certificate holder, else ValueError saying why."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise ValueError(
+            f"invalid certificate name {name!r}: use 1 to 63 of a-z 0-9 . _ -, "
+            "starting with a letter or digit (no path separators, no leading dot)"
+        )
+    if name == CA_NAME:
+        raise ValueError(f"{name!r} is reserved for the CA itself, which is never reissued")
+    if name.endswith("-key"):
+        raise ValueError(f"invalid certificate name {name!r}: names may not end in -key")
+    return name
 
 
 def spiffe_id(trust_domain: str, name: str, kind: str = "service") -> str:
@@ -38,11 +64,26 @@ class Identity:
         return self.key.read_bytes(), self.cert.read_bytes()
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def _write(path: Path, data: bytes, mode: int) -> None:
+    """Writes ``data`` to ``path`` with ``mode`` through a temporary file and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    _write(path, data, 0o600)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    _write(path, data, 0o644)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -55,6 +96,12 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def ca_paths(directory: Path) -> Identity:
     return Identity(directory / "ca.pem", directory / "ca-key.pem")
+
+
+def holder_paths(directory: Path, name: str) -> Identity:
+    """Where ``name``'s certificate and key live under ``directory`` (name checked)."""
+    check_name(name)
+    return Identity(directory / f"{name}.pem", directory / f"{name}-key.pem")
 
 
 def init_ca(directory: Path, trust_domain: str, *, days: int = 3650) -> Identity:
@@ -97,7 +144,7 @@ def init_ca(directory: Path, trust_domain: str, *, days: int = 3650) -> Identity
         .sign(key, hashes.SHA256())
     )
     _write_private(paths.key, _key_pem(key))
-    paths.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_public(paths.cert, cert.public_bytes(serialization.Encoding.PEM))
     return paths
 
 
@@ -111,10 +158,23 @@ def issue(
     ips: tuple[str, ...] = DEFAULT_IPS,
     days: int = 90,
     ca: Identity | None = None,
+    overwrite: bool = True,
 ) -> Identity:
-    """Issues ``<name>.pem`` / ``<name>-key.pem`` signed by the CA in ``directory``."""
+    """Issues ``<name>.pem`` / ``<name>-key.pem`` signed by the CA in ``directory``.
+
+    ``name`` must pass :func:`check_name` (so the CA's files are never touched); with
+    ``overwrite=False`` (the CLI without ``--force``) an existing pair is left alone and
+    FileExistsError is raised.
+    """
     if kind not in ("service", "client"):
         raise ValueError("kind must be service or client")
+    paths = holder_paths(directory, name)
+    if not overwrite:
+        for existing in (paths.cert, paths.key):
+            if existing.exists():
+                raise FileExistsError(
+                    f"{existing} exists; pass --force to replace the certificate of {name!r}"
+                )
     ca = ca or ca_paths(directory)
     if not ca.cert.exists():
         raise FileNotFoundError(f"no CA at {ca.cert}; run `learnmesh certs init` first")
@@ -157,9 +217,8 @@ def issue(
         )
         .sign(ca_key, hashes.SHA256())
     )
-    paths = Identity(directory / f"{name}.pem", directory / f"{name}-key.pem")
     _write_private(paths.key, _key_pem(key))
-    paths.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_public(paths.cert, cert.public_bytes(serialization.Encoding.PEM))
     return paths
 
 
@@ -167,7 +226,7 @@ def ensure(directory: Path, name: str, trust_domain: str, *, kind: str = "servic
     """The CA and ``name``'s certificate under ``directory``, made if missing or about to
     expire (the dev default)."""
     init_ca(directory, trust_domain)
-    paths = Identity(directory / f"{name}.pem", directory / f"{name}-key.pem")
+    paths = holder_paths(directory, name)
     if paths.cert.exists() and paths.key.exists():
         cert = x509.load_pem_x509_certificate(paths.cert.read_bytes())
         if cert.not_valid_after_utc > dt.datetime.now(dt.UTC) + dt.timedelta(days=1):

@@ -180,8 +180,9 @@ def _certs(settings: config.Settings, args: argparse.Namespace) -> int:
             dns=tuple(args.dns or certs.DEFAULT_DNS),
             ips=tuple(args.ip or certs.DEFAULT_IPS),
             days=args.days,
+            overwrite=args.force,
         )
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"learnmesh: {exc}", file=sys.stderr)
         return 1
     print(f"{certs.spiffe_id(domain, args.name, args.kind)}: {issued.cert} (key {issued.key})")
@@ -237,6 +238,9 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--dns", action="append", help="DNS SAN (repeatable)")
             sub.add_argument("--ip", action="append", help="IP SAN (repeatable)")
             sub.add_argument("--days", type=int, default=90)
+            sub.add_argument(
+                "--force", action="store_true", help="replace an existing certificate of NAME"
+            )
     return parser
 
 

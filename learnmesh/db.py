@@ -3,10 +3,17 @@
 SQLite (aiosqlite) under var/ by default, PostgreSQL (asyncpg) when the URL says so: the
 same models and queries run on both. Each service owns its tables and its Alembic history
 (``alembic_version_<service>``), so services migrate independently in one database.
+
+A SQLite database holds password hashes and tokens, so its file is private to the user
+running the mesh (mode 0600, like the keys): it is created with that mode before SQLite
+first opens it, and an existing one (and its -wal/-shm files) is brought to it. SQLite
+gives the -wal and -shm files it creates the database file's own mode, so they follow.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -64,13 +71,50 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+log = logging.getLogger("learnmesh.db")
+
+PRIVATE = 0o600
+# Besides the database file itself: the write-ahead log, its index, a rollback journal.
+SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
+
+
+def make_private_sqlite(database: str) -> None:
+    """Creates the SQLite file ``database`` with mode 0600 if it is missing, and gives it
+    and any companion file that exists mode 0600 (whatever the umask)."""
+    path = Path(database)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # O_CREAT with 0600: the file never exists with a wider mode, even for an instant.
+    os.close(os.open(path, os.O_RDONLY | os.O_CREAT, PRIVATE))
+    for file in [path, *(path.with_name(path.name + s) for s in SQLITE_COMPANIONS)]:
+        try:
+            if file.stat().st_mode & 0o777 != PRIVATE:
+                os.chmod(file, PRIVATE)
+        except FileNotFoundError:
+            continue
+        except PermissionError:
+            # Someone else's file (a mounted volume, say): not ours to change, but say so.
+            log.warning("cannot make %s private (mode 0600): not its owner", file)
+
+
+def _sqlite_file(url: Any) -> str | None:
+    """The file of a SQLite URL; None for an in-memory database."""
+    database = url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    if url.query.get("mode") == "memory":
+        return None
+    return str(database)
+
+
 class Database:
     """One engine and session factory per process."""
 
     def __init__(self, url: str, *, echo: bool = False) -> None:
         self.url = make_url(url)
-        if self.url.get_backend_name() == "sqlite" and self.url.database:
-            Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
+        if self.url.get_backend_name() == "sqlite":
+            database = _sqlite_file(self.url)
+            if database is not None:
+                make_private_sqlite(database)
         self.engine: AsyncEngine = create_async_engine(
             self.url, echo=echo, pool_pre_ping=self.is_postgres
         )

@@ -172,3 +172,80 @@ async def test_migrate_creates_every_services_tables(tmp_path: Path) -> None:
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0
     assert "auth: migrated to head" in out.decode() and "user: migrated to head" in out.decode()
+
+
+# certs: names are file names and SPIFFE segments; the CA and existing pairs are kept
+
+
+async def learnmesh_cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *LEARNMESH,
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def files_under(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*.pem")}
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("ca", "reserved for the CA"),
+        ("ca-key", "may not end in -key"),
+        ("me-key", "may not end in -key"),
+        ("../x", "invalid certificate name"),
+        ("sub/x", "invalid certificate name"),
+        (".hidden", "invalid certificate name"),
+        ("Upper", "invalid certificate name"),
+        ("-dash", "invalid certificate name"),
+        ("a" * 64, "invalid certificate name"),
+    ],
+)
+async def test_certs_issue_refuses_unsafe_names(tmp_path: Path, name: str, message: str) -> None:
+    directory = tmp_path / "var" / "certs"
+    env = env_for(tmp_path / "var")
+    code, _, _ = await learnmesh_cli("certs", "init", "--dir", str(directory), env=env)
+    assert code == 0
+    before = files_under(tmp_path)
+    code, out, err = await learnmesh_cli(
+        "certs", "issue", "--force", "--dir", str(directory), "--", name, env=env
+    )
+    assert code == 1, out + err
+    assert message in err and "Traceback" not in err
+    # Nothing written anywhere: the CA's pair is intact, nothing landed beside the directory.
+    assert files_under(tmp_path) == before
+    assert sorted(before) == ["var/certs/ca-key.pem", "var/certs/ca.pem"]
+
+
+async def test_certs_issue_keeps_an_existing_certificate_unless_forced(tmp_path: Path) -> None:
+    directory = tmp_path / "certs"
+    env = env_for(tmp_path)
+    issue = ("certs", "issue", "me", "--kind", "client", "--dir", str(directory))
+    assert (await learnmesh_cli("certs", "init", "--dir", str(directory), env=env))[0] == 0
+    code, out, _ = await learnmesh_cli(*issue, env=env)
+    assert code == 0
+    assert "spiffe://learnmesh.local/client/me" in out
+    first = files_under(directory)
+    assert {"me.pem", "me-key.pem"} <= set(first)
+    assert (directory / "me-key.pem").stat().st_mode & 0o777 == 0o600
+
+    code, _, err = await learnmesh_cli(*issue, env=env)
+    assert code == 1
+    assert "me.pem exists; pass --force" in err and "Traceback" not in err
+    assert files_under(directory) == first
+
+    code, _, _ = await learnmesh_cli(*issue, "--force", env=env)
+    assert code == 0
+    again = files_under(directory)
+    assert again["me.pem"] != first["me.pem"] and again["me-key.pem"] != first["me-key.pem"]
+    assert again["ca.pem"] == first["ca.pem"] and again["ca-key.pem"] == first["ca-key.pem"]
+    assert (directory / "me-key.pem").stat().st_mode & 0o777 == 0o600
+    # No temporary file is left behind by the atomic replace.
+    assert sorted(p.name for p in directory.iterdir()) == sorted(again)
