@@ -129,7 +129,8 @@ def normalise(message: Any, plan: Plan | None = None) -> None:
 def field_path(violation: protovalidate.Violation) -> str:
     """``profile.display_name``, ``user_ids[2]``: the path of the offending field."""
     parts: list[str] = []
-    for element in violation.proto.field.elements:
+    path = violation.proto.field
+    for element in path.elements if path is not None else ():
         name = element.field_name
         subscript = element.subscript
         if subscript is not None:
