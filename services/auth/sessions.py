@@ -51,8 +51,11 @@ async def revoke(
     user_id: str,
     reason: str,
     session_ids: Sequence[str] | None = None,
+    *,
+    actor: str | None = None,
 ) -> list[str]:
-    """Revokes the user's live sessions (or those of ``session_ids``), auditing each one."""
+    """Revokes the user's live sessions (or those of ``session_ids``), auditing each one
+    (``actor``: who did it, when not the signed-in caller)."""
     revoked = await store.revoke_sessions(session, user_id, reason, session_ids=session_ids)
     for session_id in revoked:
         await audit.record(
@@ -60,7 +63,7 @@ async def revoke(
             store.audit,
             "session.revoked",
             user_id,
-            actor=actor_for(user_id),
+            actor=actor_for(user_id) if actor is None else actor,
             session_id=session_id,
             reason=reason,
         )

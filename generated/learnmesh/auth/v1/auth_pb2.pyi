@@ -41,14 +41,16 @@ class RegisterResponse(_message.Message):
     def __init__(self, user: _Optional[_Union[_user_pb2.User, _Mapping]] = ..., access_token: _Optional[str] = ..., refresh_token: _Optional[str] = ..., expires_in: _Optional[int] = ..., token_type: _Optional[str] = ...) -> None: ...
 
 class LoginRequest(_message.Message):
-    __slots__ = ("email", "password", "mfa_code")
+    __slots__ = ("email", "password", "mfa_code", "recovery_code")
     EMAIL_FIELD_NUMBER: _ClassVar[int]
     PASSWORD_FIELD_NUMBER: _ClassVar[int]
     MFA_CODE_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_CODE_FIELD_NUMBER: _ClassVar[int]
     email: str
     password: str
     mfa_code: str
-    def __init__(self, email: _Optional[str] = ..., password: _Optional[str] = ..., mfa_code: _Optional[str] = ...) -> None: ...
+    recovery_code: str
+    def __init__(self, email: _Optional[str] = ..., password: _Optional[str] = ..., mfa_code: _Optional[str] = ..., recovery_code: _Optional[str] = ...) -> None: ...
 
 class LoginResponse(_message.Message):
     __slots__ = ("access_token", "refresh_token", "expires_in", "user", "token_type")
@@ -135,8 +137,10 @@ class RevokeSessionResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class EnrollMfaRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("password",)
+    PASSWORD_FIELD_NUMBER: _ClassVar[int]
+    password: str
+    def __init__(self, password: _Optional[str] = ...) -> None: ...
 
 class EnrollMfaResponse(_message.Message):
     __slots__ = ("secret", "otpauth_uri")
@@ -147,24 +151,46 @@ class EnrollMfaResponse(_message.Message):
     def __init__(self, secret: _Optional[str] = ..., otpauth_uri: _Optional[str] = ...) -> None: ...
 
 class ConfirmMfaRequest(_message.Message):
-    __slots__ = ("code",)
+    __slots__ = ("code", "password")
     CODE_FIELD_NUMBER: _ClassVar[int]
+    PASSWORD_FIELD_NUMBER: _ClassVar[int]
     code: str
-    def __init__(self, code: _Optional[str] = ...) -> None: ...
+    password: str
+    def __init__(self, code: _Optional[str] = ..., password: _Optional[str] = ...) -> None: ...
 
 class ConfirmMfaResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("recovery_codes",)
+    RECOVERY_CODES_FIELD_NUMBER: _ClassVar[int]
+    recovery_codes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, recovery_codes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DisableMfaRequest(_message.Message):
-    __slots__ = ("code",)
+    __slots__ = ("code", "password", "recovery_code")
     CODE_FIELD_NUMBER: _ClassVar[int]
+    PASSWORD_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_CODE_FIELD_NUMBER: _ClassVar[int]
     code: str
-    def __init__(self, code: _Optional[str] = ...) -> None: ...
+    password: str
+    recovery_code: str
+    def __init__(self, code: _Optional[str] = ..., password: _Optional[str] = ..., recovery_code: _Optional[str] = ...) -> None: ...
 
 class DisableMfaResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ResetMfaRequest(_message.Message):
+    __slots__ = ("user_id",)
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    def __init__(self, user_id: _Optional[str] = ...) -> None: ...
+
+class ResetMfaResponse(_message.Message):
+    __slots__ = ("had_mfa", "revoked_sessions")
+    HAD_MFA_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    had_mfa: bool
+    revoked_sessions: int
+    def __init__(self, had_mfa: _Optional[bool] = ..., revoked_sessions: _Optional[int] = ...) -> None: ...
 
 class RequestPasswordResetRequest(_message.Message):
     __slots__ = ("email",)
