@@ -1,6 +1,10 @@
 """Password reset: a single-use token mailed to the account, then a new password with it.
 
-Whether an account has the email must not show, neither in the answer nor in its timing.
+Whether an account has the email must not show, neither in the answer nor in its timing:
+RequestPasswordReset only hands the email to a background task owned by the service and
+answers, so both paths do the same (no) database work before the answer. The task looks
+the account up, makes the token (counted against the hourly limit atomically), audits and
+mails; ``aclose`` drains the tasks when the server stops.
 """
 
 from __future__ import annotations
@@ -24,6 +28,11 @@ log = logging.getLogger("learnmesh.auth")
 
 BAD_RESET_TOKEN = "the reset token is invalid or has expired"
 RESET_SUBJECT = "Reset your learnmesh password"
+# Background requests at most in flight (beyond: dropped with a warning, as a flood), and
+# at most doing database work at once.
+MAX_PENDING = 1000
+MAX_CONCURRENT = 4
+DRAIN_SECONDS = 5.0
 
 
 class PasswordResets:
@@ -31,30 +40,53 @@ class PasswordResets:
         self.deps = deps
         self.mailer = mailer
         self._background: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(MAX_CONCURRENT)
 
     async def request(self, email: str) -> None:
-        """Mails a reset token when an active account has ``email``; says nothing either way."""
+        """Queues the request and answers at once, the same for every email."""
+        if len(self._background) >= MAX_PENDING:
+            log.warning("password-reset requests are piling up; one was dropped")
+            return
+        self._in_background(self._handle(email.lower()), "a password-reset request")
+
+    async def _handle(self, email: str) -> None:
+        """Mails a reset token when an active account has ``email`` (in the background,
+        with the request's call context, so the audit row names its caller)."""
+        async with self._slots:
+            token = await self._issue(email)
+        if token:
+            await self._mail(email, token)
+
+    async def _issue(self, email: str) -> str:
+        """A new reset token for the account with ``email``, or "" (no such active
+        account, or its hourly limit reached); the count and the insert are one
+        serialised step, so concurrent requests cannot pass the limit."""
         deps = self.deps
-        email = email.lower()
-        token = ""
-        async with deps.transaction() as session:
+        async with deps.serialised(f"auth.password_reset:{email}") as session:
             credentials = await store.credentials_by_email(session, email)
             if credentials is None or credentials.status != store.ACTIVE:
-                return
+                await audit.record(
+                    session, store.audit, "password_reset.unknown_email", "", email=email
+                )
+                return ""
             hour_ago = utcnow() - timedelta(hours=1)
             recent = await store.count_resets_since(session, credentials.user_id, hour_ago)
             if recent >= deps.settings.reset_requests_per_hour:
-                log.info("password-reset request ignored: hourly limit reached for an account")
-                return
+                await audit.record(
+                    session,
+                    store.audit,
+                    "password_reset.ignored",
+                    credentials.user_id,
+                    reason="hourly_limit",
+                )
+                return ""
             token, token_hash = new_refresh_token()
             expires_at = utcnow() + timedelta(seconds=deps.settings.reset_token_ttl)
             await store.add_reset(session, credentials.user_id, token_hash, expires_at)
             await audit.record(
                 session, store.audit, "password_reset.requested", credentials.user_id
             )
-        # After the commit, and off the answer's path: the caller must not be able to tell
-        # from the timing whether a mail was written.
-        self._in_background(self._mail(email, token), "the password-reset mail")
+        return token
 
     async def _mail(self, email: str, token: str) -> None:
         settings = self.deps.settings
@@ -103,6 +135,13 @@ class PasswordResets:
             )
 
     async def aclose(self) -> None:
-        """Lets background mail writes finish (briefly) when the server stops."""
-        if self._background:
-            await asyncio.wait(list(self._background), timeout=5)
+        """Lets queued requests and mail writes finish (briefly) when the server stops;
+        what is left after that is cancelled, so the stop never hangs."""
+        if not self._background:
+            return
+        _, late = await asyncio.wait(list(self._background), timeout=DRAIN_SECONDS)
+        for task in late:
+            log.warning("a password-reset request was still running at stop; cancelled")
+            task.cancel()
+        if late:
+            await asyncio.wait(late)
