@@ -13,7 +13,9 @@ import asyncio
 import logging
 from collections.abc import Coroutine
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
+
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from learnmesh import audit
 from learnmesh.db import utcnow
@@ -117,22 +119,41 @@ class PasswordResets:
         """Sets the new password with a single-use token and ends every session."""
         deps = self.deps
         async with deps.transaction() as session:
-            found = await store.usable_reset(session, digest(token))
+            found = await store.reset_by_hash(session, digest(token))
         if found is None:
-            raise InvalidArgument.field("token", BAD_RESET_TOKEN)
+            await self._rejected("", "unknown")
+        if found.used_at is not None:
+            await self._rejected(found.user_id, "used")
+        if found.expires_at <= utcnow():
+            await self._rejected(found.user_id, "expired")
         new_hash = await deps.passwords.hash(new_password)
         async with deps.transaction() as session:
             credentials = await store.credentials_by_user(session, found.user_id)
             if credentials is None or credentials.status != store.ACTIVE:
-                raise InvalidArgument.field("token", BAD_RESET_TOKEN)
-            if not await store.use_reset(session, found.id):
-                raise InvalidArgument.field("token", BAD_RESET_TOKEN)
-            await store.retire_resets(session, found.user_id)
-            await store.set_password_hash(session, found.user_id, new_hash)
-            revoked = await revoke(session, found.user_id, "password_reset")
-            await audit.record(
-                session, store.audit, "password.reset", found.user_id, sessions_revoked=len(revoked)
-            )
+                reason = "no_active_account"
+            elif not await store.use_reset(session, found.id):
+                reason = "used"  # a concurrent ResetPassword spent it first
+            else:
+                reason = ""
+            if not reason:
+                await self._apply(session, found.user_id, new_hash)
+        if reason:
+            await self._rejected(found.user_id, reason)
+
+    async def _rejected(self, subject: str, reason: str) -> NoReturn:
+        """Audits a refused reset token (committed) and fails the call on the token field,
+        with the one same message whatever the reason."""
+        await self.deps.audit_now("password_reset.token_rejected", subject, reason=reason)
+        raise InvalidArgument.field("token", BAD_RESET_TOKEN)
+
+    async def _apply(self, session: AsyncSession, user_id: str, new_hash: str) -> None:
+        """The new password, every other reset token spent, every session ended."""
+        await store.retire_resets(session, user_id)
+        await store.set_password_hash(session, user_id, new_hash)
+        revoked = await revoke(session, user_id, "password_reset")
+        await audit.record(
+            session, store.audit, "password.reset", user_id, sessions_revoked=len(revoked)
+        )
 
     async def aclose(self) -> None:
         """Lets queued requests and mail writes finish (briefly) when the server stops;

@@ -95,14 +95,22 @@ class Sessions:
         async with deps.transaction() as session:
             found = await store.refresh_token_by_hash(session, digest(refresh_token))
         if found is None:
+            # Never issued here (or long purged): guessed, forged or corrupted.
+            await deps.audit_now("refresh_token.rejected", "", reason="unknown")
             raise Unauthenticated(BAD_REFRESH_TOKEN, reason="INVALID_REFRESH_TOKEN")
         owner = found.session
         if found.spent_at is not None:
             await self._reuse_detected(owner)
         if owner.revoked_at is not None:
+            await deps.audit_now(
+                "refresh_token.rejected", owner.user_id, reason="session_ended", session_id=owner.id
+            )
             raise Unauthenticated("the session has ended; sign in again", reason="SESSION_ENDED")
         now = utcnow()
         if found.expires_at <= now or owner.expires_at <= now:
+            await deps.audit_now(
+                "refresh_token.rejected", owner.user_id, reason="expired", session_id=owner.id
+            )
             raise Unauthenticated(
                 "the refresh token has expired; sign in again", reason="REFRESH_TOKEN_EXPIRED"
             )

@@ -489,13 +489,10 @@ async def add_reset(
     await session.flush()
 
 
-async def usable_reset(session: AsyncSession, token_hash: str) -> PasswordReset | None:
+async def reset_by_hash(session: AsyncSession, token_hash: str) -> PasswordReset | None:
+    """The reset with this token digest, used or expired as it may be."""
     found: PasswordReset | None = await session.scalar(
-        select(PasswordReset).where(
-            PasswordReset.token_hash == token_hash,
-            PasswordReset.used_at.is_(None),
-            PasswordReset.expires_at > utcnow(),
-        )
+        select(PasswordReset).where(PasswordReset.token_hash == token_hash)
     )
     return found
 
