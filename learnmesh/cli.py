@@ -189,6 +189,43 @@ def _certs(settings: config.Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+# --- learnmesh users reset-mfa ------------------------------------------------------------
+
+
+def _add_reset_mfa(users_commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    sub = users_commands.add_parser(
+        "reset-mfa",
+        help="turn off a user's MFA and end their sessions (they lost device and codes)",
+    )
+    sub.add_argument("email", help="the account's email")
+
+
+async def _reset_mfa(settings: config.Settings, email: str) -> int:
+    """Runs where the database is; migrates the auth tables first, as a server start does."""
+    import getpass
+
+    from services.auth.operator import reset_mfa_by_email
+
+    db = Database(settings.database)
+    try:
+        auth = definition("auth")
+        if auth.migrations is not None:
+            await db.migrate(auth.name, auth.migrations)
+        found = await reset_mfa_by_email(db, email, getpass.getuser())
+    finally:
+        await db.dispose()
+    if found is None:
+        print(f"learnmesh: no account has the email {email}", file=sys.stderr)
+        return 1
+    user_id, done = found
+    state = "MFA was on and is now off" if done.had_mfa else "MFA was not on"
+    print(f"{email} ({user_id}): {state}; {done.revoked_sessions} session(s) ended")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="learnmesh", description="The learnmesh gRPC mesh.")
     parser.add_argument("--config", help="a TOML settings file (default: $LEARNMESH_CONFIG)")
@@ -226,6 +263,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     promote_parser.add_argument("email", help="the email the user registered with")
     promote_parser.add_argument("--role", required=True, choices=roles)
+    _add_reset_mfa(users_commands)
 
     certs_parser = commands.add_parser("certs", help="the mesh CA and its certificates")
     certs_commands = certs_parser.add_subparsers(dest="certs_command", required=True)
@@ -273,6 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _certs(settings, args)
     if args.command == "users" and args.users_command == "promote":
         return _promote(settings, args)
+    if args.command == "users" and args.users_command == "reset-mfa":
+        return asyncio.run(_reset_mfa(settings, args.email))
     if getattr(args, "insecure", False):
         settings = dataclasses.replace(
             settings, tls=dataclasses.replace(settings.tls, enabled=False)

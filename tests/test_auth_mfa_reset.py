@@ -57,15 +57,19 @@ async def test_mfa_enrol_confirm_login_replay_disable(mesh: Mesh) -> None:
     me = bearer(registered.access_token)
 
     with pytest.raises(aio.AioRpcError) as err:
-        await mesh.auth.ConfirmMfa(auth_pb2.ConfirmMfaRequest(code="123456"), metadata=me)
+        await mesh.auth.ConfirmMfa(
+            auth_pb2.ConfirmMfaRequest(code="123456", password=PASSWORD), metadata=me
+        )
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     with pytest.raises(aio.AioRpcError) as err:
-        await mesh.auth.DisableMfa(auth_pb2.DisableMfaRequest(code="123456"), metadata=me)
+        await mesh.auth.DisableMfa(
+            auth_pb2.DisableMfaRequest(code="123456", password=PASSWORD), metadata=me
+        )
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
     # Enrolling twice before confirming replaces the secret.
-    first = await mesh.auth.EnrollMfa(auth_pb2.EnrollMfaRequest(), metadata=me)
-    enrolment = await mesh.auth.EnrollMfa(auth_pb2.EnrollMfaRequest(), metadata=me)
+    first = await mesh.auth.EnrollMfa(auth_pb2.EnrollMfaRequest(password=PASSWORD), metadata=me)
+    enrolment = await mesh.auth.EnrollMfa(auth_pb2.EnrollMfaRequest(password=PASSWORD), metadata=me)
     secret = enrolment.secret
     assert secret != first.secret
     assert len(secret) == 32  # base32: 160 bits
@@ -93,20 +97,22 @@ async def test_mfa_enrol_confirm_login_replay_disable(mesh: Mesh) -> None:
     step = await start_of_a_quiet_step()
     with pytest.raises(aio.AioRpcError) as err:
         await mesh.auth.ConfirmMfa(
-            auth_pb2.ConfirmMfaRequest(code=code_at(first.secret, step)), metadata=me
+            auth_pb2.ConfirmMfaRequest(code=code_at(first.secret, step), password=PASSWORD),
+            metadata=me,
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert set(violated_fields(err.value)) == {"code"}
     with pytest.raises(aio.AioRpcError) as err:  # two steps back: outside the window
         await mesh.auth.ConfirmMfa(
-            auth_pb2.ConfirmMfaRequest(code=code_at(secret, step - 2)), metadata=me
+            auth_pb2.ConfirmMfaRequest(code=code_at(secret, step - 2), password=PASSWORD),
+            metadata=me,
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     await mesh.auth.ConfirmMfa(
-        auth_pb2.ConfirmMfaRequest(code=code_at(secret, step - 1)), metadata=me
+        auth_pb2.ConfirmMfaRequest(code=code_at(secret, step - 1), password=PASSWORD), metadata=me
     )
     with pytest.raises(aio.AioRpcError) as err:
-        await mesh.auth.EnrollMfa(auth_pb2.EnrollMfaRequest(), metadata=me)
+        await mesh.auth.EnrollMfa(auth_pb2.EnrollMfaRequest(password=PASSWORD), metadata=me)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
     # The right password without a code: MFA_REQUIRED, not counted as a failure.
@@ -135,11 +141,13 @@ async def test_mfa_enrol_confirm_login_replay_disable(mesh: Mesh) -> None:
 
     # Disabling needs an unused code too.
     with pytest.raises(aio.AioRpcError) as err:
-        await mesh.auth.DisableMfa(auth_pb2.DisableMfaRequest(code=current), metadata=me)
+        await mesh.auth.DisableMfa(
+            auth_pb2.DisableMfaRequest(code=current, password=PASSWORD), metadata=me
+        )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert set(violated_fields(err.value)) == {"code"}
     await mesh.auth.DisableMfa(
-        auth_pb2.DisableMfaRequest(code=code_at(secret, step + 1)), metadata=me
+        auth_pb2.DisableMfaRequest(code=code_at(secret, step + 1), password=PASSWORD), metadata=me
     )
     assert (await login(mesh, email)).user.id == registered.user.id
 
@@ -246,10 +254,12 @@ async def test_one_code_used_concurrently_wins_once(mesh: Mesh) -> None:
     email = new_email("mfarace")
     registered = await mesh.register(email)
     me = bearer(registered.access_token)
-    secret = (await mesh.auth.EnrollMfa(auth_pb2.EnrollMfaRequest(), metadata=me)).secret
+    secret = (
+        await mesh.auth.EnrollMfa(auth_pb2.EnrollMfaRequest(password=PASSWORD), metadata=me)
+    ).secret
     step = await start_of_a_quiet_step()
     await mesh.auth.ConfirmMfa(
-        auth_pb2.ConfirmMfaRequest(code=code_at(secret, step - 1)), metadata=me
+        auth_pb2.ConfirmMfaRequest(code=code_at(secret, step - 1), password=PASSWORD), metadata=me
     )
     code = code_at(secret, step)
     results = await asyncio.gather(

@@ -85,10 +85,12 @@ def assert_refused_beyond_the_limit(results: list[Any], limit: int) -> list[Any]
 async def enable_mfa(mesh: Mesh, access_token: str) -> str:
     """Turns MFA on for the token's account; returns the secret."""
     me = bearer(access_token)
-    secret: str = (await mesh.auth.EnrollMfa(auth_pb2.EnrollMfaRequest(), metadata=me)).secret
+    secret: str = (
+        await mesh.auth.EnrollMfa(auth_pb2.EnrollMfaRequest(password=PASSWORD), metadata=me)
+    ).secret
     step = await start_of_a_quiet_step(8)
     await mesh.auth.ConfirmMfa(
-        auth_pb2.ConfirmMfaRequest(code=code_at(secret, step - 1)), metadata=me
+        auth_pb2.ConfirmMfaRequest(code=code_at(secret, step - 1), password=PASSWORD), metadata=me
     )
     return secret
 
@@ -160,7 +162,10 @@ async def test_concurrent_codes_at_disable_mfa_get_at_most_the_limit_verified(
     before = counted.codes
 
     results = await race(
-        [mesh.auth.DisableMfa(auth_pb2.DisableMfaRequest(code=c), metadata=me) for c in codes]
+        [
+            mesh.auth.DisableMfa(auth_pb2.DisableMfaRequest(code=c, password=PASSWORD), metadata=me)
+            for c in codes
+        ]
     )
 
     assert counted.codes - before <= limit

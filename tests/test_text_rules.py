@@ -99,7 +99,8 @@ async def admin(mesh: Mesh) -> auth_pb2.RegisterResponse:
 
 @pytest.fixture
 async def carol(mesh: Mesh) -> auth_pb2.RegisterResponse:
-    return await register(mesh, new_email("carol"), "Carol Example")
+    response: auth_pb2.RegisterResponse = await register(mesh, new_email("carol"), "Carol Example")
+    return response
 
 
 # --- Register ------------------------------------------------------------------------------
@@ -279,7 +280,7 @@ async def test_list_users_matches_the_normalised_text(
 def all_violations(err: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
     found = []
     for detail in status_details(err).details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):  # type: ignore[arg-type]  # stubs: DESCRIPTOR wider than Is takes
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
             found += [(v.field, v.description) for v in bad.field_violations]

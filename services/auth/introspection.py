@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from learnmesh.kernel import principal
 from services.auth import store
 from services.auth.deps import Deps
 from services.auth.keys import KeyRing
@@ -32,13 +33,27 @@ class Introspection:
         return await self.keys.jwks()
 
     async def introspect(self, token: str) -> TokenFacts:
-        """Whether the access token is good now, its session included; never an error."""
-        verified = await self.deps.tokens.verify(token)
+        """Whether the access token is good now, its session included; never an error.
+        Forged or malformed tokens, and good signatures naming no session of theirs, are
+        audited (expired tokens and revoked sessions are the ordinary inactive ones)."""
+        verified, rejection = await self.deps.tokens.check(token)
         if verified is None:
+            if rejection is not None and rejection.kind != "expired":
+                await self._rejected("invalid", why=rejection.message)
             return TokenFacts(active=False)
         async with self.deps.transaction() as session:
             owner = await store.session_by_id(session, verified.session_id)
-        if owner is None or owner.revoked_at is not None or owner.user_id != verified.subject:
+        if owner is None:
+            await self._rejected(
+                "unknown_session", verified.subject, session_id=verified.session_id
+            )
+            return TokenFacts(active=False)
+        if owner.user_id != verified.subject:
+            await self._rejected(
+                "subject_mismatch", verified.subject, session_id=verified.session_id
+            )
+            return TokenFacts(active=False)
+        if owner.revoked_at is not None:
             return TokenFacts(active=False)
         return TokenFacts(
             active=True,
@@ -47,4 +62,10 @@ class Introspection:
             tier=verified.tier,
             expires_at=verified.expires_at,
             session_id=verified.session_id,
+        )
+
+    async def _rejected(self, reason: str, subject: str = "", **details: str) -> None:
+        caller = principal.call_info().peer_identity
+        await self.deps.audit_now(
+            "access_token.rejected", subject, reason=reason, caller=caller, **details
         )

@@ -9,6 +9,11 @@ Secrets are encrypted with AES-256-GCM under a key id: ``auth.mfa_keys`` lists
 one first. When none are configured, a key is made on first start under
 ``<var_dir>/keys/mfa`` (mode 0600). The user id is the associated data, so a ciphertext
 copied onto another account does not decrypt.
+
+Recovery codes (80 random bits each, shown once) are stored only as HMAC-SHA256 digests
+under a key derived (HKDF) from an MFA key, bound to the user id: a leaked table gives
+nothing to brute-force offline without the key. A code matches under any known key, so
+keys rotate as for secrets; codes made under a retired key stop working.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ from pathlib import Path
 
 import pyotp
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from learnmesh.config import ConfigError, Settings
 from services.auth.keyfiles import dir_lock, write_private
@@ -39,6 +46,9 @@ ISSUER = "learnmesh"
 KEY_BYTES = 32  # AES-256
 NONCE_BYTES = 12
 _AAD_PREFIX = b"learnmesh.auth.mfa:"
+RECOVERY_CODES = 10  # given at ConfirmMfa
+_RECOVERY_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"  # base32: no 0/1/8/9 to misread
+_RECOVERY_INFO = b"learnmesh.auth.mfa.recovery-codes"
 
 
 def new_secret() -> str:
@@ -63,6 +73,17 @@ def matching_step(secret: str, code: str, after_step: int | None, now: float | N
         if hmac.compare_digest(totp.at(step * STEP), code) and found < 0:
             found = step
     return found
+
+
+def new_recovery_code() -> str:
+    """``ABCD-EFGH-JKLM-NPQR``: 16 base32 characters (80 bits) in groups of four."""
+    raw = "".join(secrets.choice(_RECOVERY_ALPHABET) for _ in range(16))
+    return "-".join(raw[i : i + 4] for i in range(0, 16, 4))
+
+
+def normal_recovery_code(code: str) -> str:
+    """The form that is hashed: upper case, no dashes or spaces."""
+    return code.replace("-", "").replace(" ", "").upper()
 
 
 @dataclass(frozen=True)
@@ -129,6 +150,10 @@ class SecretBox:
             raise ConfigError("auth.mfa_keys: at least one key is needed")
         self.encrypt_kid = keys[0][0]
         self._ciphers = {kid: AESGCM(key) for kid, key in keys}
+        self._mac_keys = {
+            kid: HKDF(hashes.SHA256(), 32, salt=None, info=_RECOVERY_INFO).derive(key)
+            for kid, key in keys
+        }
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SecretBox:
@@ -153,5 +178,24 @@ class SecretBox:
     def can_open(self, key_id: str) -> bool:
         return key_id in self._ciphers
 
+    def recovery_digest(self, user_id: str, code: str, key_id: str | None = None) -> str:
+        """The stored form of a recovery code: HMAC-SHA256 (hex) under ``key_id``'s
+        recovery key (the encrypting key's by default), bound to the user."""
+        key = self._mac_keys[key_id or self.encrypt_kid]
+        message = f"{user_id}:{normal_recovery_code(code)}".encode()
+        return hmac.new(key, message, "sha256").hexdigest()
 
-__all__ = ["InvalidTag", "SecretBox", "matching_step", "new_secret", "otpauth_uri"]
+    def recovery_digests(self, user_id: str, code: str) -> list[str]:
+        """The code's digest under every known key (a stored one matches one of them)."""
+        return [self.recovery_digest(user_id, code, kid) for kid in self._mac_keys]
+
+
+__all__ = [
+    "InvalidTag",
+    "SecretBox",
+    "matching_step",
+    "new_recovery_code",
+    "new_secret",
+    "normal_recovery_code",
+    "otpauth_uri",
+]

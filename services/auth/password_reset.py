@@ -1,6 +1,10 @@
 """Password reset: a single-use token mailed to the account, then a new password with it.
 
-Whether an account has the email must not show, neither in the answer nor in its timing.
+Whether an account has the email must not show, neither in the answer nor in its timing:
+RequestPasswordReset only hands the email to a background task owned by the service and
+answers, so both paths do the same (no) database work before the answer. The task looks
+the account up, makes the token (counted against the hourly limit atomically), audits and
+mails; ``aclose`` drains the tasks when the server stops.
 """
 
 from __future__ import annotations
@@ -9,7 +13,9 @@ import asyncio
 import logging
 from collections.abc import Coroutine
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
+
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from learnmesh import audit
 from learnmesh.db import utcnow
@@ -24,6 +30,11 @@ log = logging.getLogger("learnmesh.auth")
 
 BAD_RESET_TOKEN = "the reset token is invalid or has expired"
 RESET_SUBJECT = "Reset your learnmesh password"
+# Background requests at most in flight (beyond: dropped with a warning, as a flood), and
+# at most doing database work at once.
+MAX_PENDING = 1000
+MAX_CONCURRENT = 4
+DRAIN_SECONDS = 5.0
 
 
 class PasswordResets:
@@ -31,30 +42,53 @@ class PasswordResets:
         self.deps = deps
         self.mailer = mailer
         self._background: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(MAX_CONCURRENT)
 
     async def request(self, email: str) -> None:
-        """Mails a reset token when an active account has ``email``; says nothing either way."""
+        """Queues the request and answers at once, the same for every email."""
+        if len(self._background) >= MAX_PENDING:
+            log.warning("password-reset requests are piling up; one was dropped")
+            return
+        self._in_background(self._handle(email.lower()), "a password-reset request")
+
+    async def _handle(self, email: str) -> None:
+        """Mails a reset token when an active account has ``email`` (in the background,
+        with the request's call context, so the audit row names its caller)."""
+        async with self._slots:
+            token = await self._issue(email)
+        if token:
+            await self._mail(email, token)
+
+    async def _issue(self, email: str) -> str:
+        """A new reset token for the account with ``email``, or "" (no such active
+        account, or its hourly limit reached); the count and the insert are one
+        serialised step, so concurrent requests cannot pass the limit."""
         deps = self.deps
-        email = email.lower()
-        token = ""
-        async with deps.transaction() as session:
+        async with deps.serialised(f"auth.password_reset:{email}") as session:
             credentials = await store.credentials_by_email(session, email)
             if credentials is None or credentials.status != store.ACTIVE:
-                return
+                await audit.record(
+                    session, store.audit, "password_reset.unknown_email", "", email=email
+                )
+                return ""
             hour_ago = utcnow() - timedelta(hours=1)
             recent = await store.count_resets_since(session, credentials.user_id, hour_ago)
             if recent >= deps.settings.reset_requests_per_hour:
-                log.info("password-reset request ignored: hourly limit reached for an account")
-                return
+                await audit.record(
+                    session,
+                    store.audit,
+                    "password_reset.ignored",
+                    credentials.user_id,
+                    reason="hourly_limit",
+                )
+                return ""
             token, token_hash = new_refresh_token()
             expires_at = utcnow() + timedelta(seconds=deps.settings.reset_token_ttl)
             await store.add_reset(session, credentials.user_id, token_hash, expires_at)
             await audit.record(
                 session, store.audit, "password_reset.requested", credentials.user_id
             )
-        # After the commit, and off the answer's path: the caller must not be able to tell
-        # from the timing whether a mail was written.
-        self._in_background(self._mail(email, token), "the password-reset mail")
+        return token
 
     async def _mail(self, email: str, token: str) -> None:
         settings = self.deps.settings
@@ -85,24 +119,50 @@ class PasswordResets:
         """Sets the new password with a single-use token and ends every session."""
         deps = self.deps
         async with deps.transaction() as session:
-            found = await store.usable_reset(session, digest(token))
+            found = await store.reset_by_hash(session, digest(token))
         if found is None:
-            raise InvalidArgument.field("token", BAD_RESET_TOKEN)
+            await self._rejected("", "unknown")
+        if found.used_at is not None:
+            await self._rejected(found.user_id, "used")
+        if found.expires_at <= utcnow():
+            await self._rejected(found.user_id, "expired")
         new_hash = await deps.passwords.hash(new_password)
         async with deps.transaction() as session:
             credentials = await store.credentials_by_user(session, found.user_id)
             if credentials is None or credentials.status != store.ACTIVE:
-                raise InvalidArgument.field("token", BAD_RESET_TOKEN)
-            if not await store.use_reset(session, found.id):
-                raise InvalidArgument.field("token", BAD_RESET_TOKEN)
-            await store.retire_resets(session, found.user_id)
-            await store.set_password_hash(session, found.user_id, new_hash)
-            revoked = await revoke(session, found.user_id, "password_reset")
-            await audit.record(
-                session, store.audit, "password.reset", found.user_id, sessions_revoked=len(revoked)
-            )
+                reason = "no_active_account"
+            elif not await store.use_reset(session, found.id):
+                reason = "used"  # a concurrent ResetPassword spent it first
+            else:
+                reason = ""
+            if not reason:
+                await self._apply(session, found.user_id, new_hash)
+        if reason:
+            await self._rejected(found.user_id, reason)
+
+    async def _rejected(self, subject: str, reason: str) -> NoReturn:
+        """Audits a refused reset token (committed) and fails the call on the token field,
+        with the one same message whatever the reason."""
+        await self.deps.audit_now("password_reset.token_rejected", subject, reason=reason)
+        raise InvalidArgument.field("token", BAD_RESET_TOKEN)
+
+    async def _apply(self, session: AsyncSession, user_id: str, new_hash: str) -> None:
+        """The new password, every other reset token spent, every session ended."""
+        await store.retire_resets(session, user_id)
+        await store.set_password_hash(session, user_id, new_hash)
+        revoked = await revoke(session, user_id, "password_reset")
+        await audit.record(
+            session, store.audit, "password.reset", user_id, sessions_revoked=len(revoked)
+        )
 
     async def aclose(self) -> None:
-        """Lets background mail writes finish (briefly) when the server stops."""
-        if self._background:
-            await asyncio.wait(list(self._background), timeout=5)
+        """Lets queued requests and mail writes finish (briefly) when the server stops;
+        what is left after that is cancelled, so the stop never hangs."""
+        if not self._background:
+            return
+        _, late = await asyncio.wait(list(self._background), timeout=DRAIN_SECONDS)
+        for task in late:
+            log.warning("a password-reset request was still running at stop; cancelled")
+            task.cancel()
+        if late:
+            await asyncio.wait(late)

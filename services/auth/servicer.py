@@ -47,7 +47,9 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     async def Login(
         self, request: auth_pb2.LoginRequest, context: aio.ServicerContext[Any, Any]
     ) -> auth_pb2.LoginResponse:
-        signed_in = await self.rules.signin.login(request.email, request.password, request.mfa_code)
+        signed_in = await self.rules.signin.login(
+            request.email, request.password, request.mfa_code, request.recovery_code
+        )
         return auth_pb2.LoginResponse(
             user=signed_in.user,
             access_token=signed_in.access_token,
@@ -101,7 +103,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     async def EnrollMfa(
         self, request: auth_pb2.EnrollMfaRequest, context: aio.ServicerContext[Any, Any]
     ) -> auth_pb2.EnrollMfaResponse:
-        enrolment = await self.rules.mfa.enroll()
+        enrolment = await self.rules.mfa.enroll(request.password)
         return auth_pb2.EnrollMfaResponse(
             secret=enrolment.secret, otpauth_uri=enrolment.otpauth_uri
         )
@@ -109,14 +111,22 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     async def ConfirmMfa(
         self, request: auth_pb2.ConfirmMfaRequest, context: aio.ServicerContext[Any, Any]
     ) -> auth_pb2.ConfirmMfaResponse:
-        await self.rules.mfa.confirm(request.code)
-        return auth_pb2.ConfirmMfaResponse()
+        codes = await self.rules.mfa.confirm(request.code, request.password)
+        return auth_pb2.ConfirmMfaResponse(recovery_codes=codes)
 
     async def DisableMfa(
         self, request: auth_pb2.DisableMfaRequest, context: aio.ServicerContext[Any, Any]
     ) -> auth_pb2.DisableMfaResponse:
-        await self.rules.mfa.disable(request.code)
+        await self.rules.mfa.disable(request.code, request.recovery_code, request.password)
         return auth_pb2.DisableMfaResponse()
+
+    async def ResetMfa(
+        self, request: auth_pb2.ResetMfaRequest, context: aio.ServicerContext[Any, Any]
+    ) -> auth_pb2.ResetMfaResponse:
+        done = await self.rules.mfa.reset(request.user_id)
+        return auth_pb2.ResetMfaResponse(
+            had_mfa=done.had_mfa, revoked_sessions=done.revoked_sessions
+        )
 
     async def RequestPasswordReset(
         self, request: auth_pb2.RequestPasswordResetRequest, context: aio.ServicerContext[Any, Any]

@@ -51,8 +51,11 @@ async def revoke(
     user_id: str,
     reason: str,
     session_ids: Sequence[str] | None = None,
+    *,
+    actor: str | None = None,
 ) -> list[str]:
-    """Revokes the user's live sessions (or those of ``session_ids``), auditing each one."""
+    """Revokes the user's live sessions (or those of ``session_ids``), auditing each one
+    (``actor``: who did it, when not the signed-in caller)."""
     revoked = await store.revoke_sessions(session, user_id, reason, session_ids=session_ids)
     for session_id in revoked:
         await audit.record(
@@ -60,7 +63,7 @@ async def revoke(
             store.audit,
             "session.revoked",
             user_id,
-            actor=actor_for(user_id),
+            actor=actor_for(user_id) if actor is None else actor,
             session_id=session_id,
             reason=reason,
         )
@@ -92,14 +95,22 @@ class Sessions:
         async with deps.transaction() as session:
             found = await store.refresh_token_by_hash(session, digest(refresh_token))
         if found is None:
+            # Never issued here (or long purged): guessed, forged or corrupted.
+            await deps.audit_now("refresh_token.rejected", "", reason="unknown")
             raise Unauthenticated(BAD_REFRESH_TOKEN, reason="INVALID_REFRESH_TOKEN")
         owner = found.session
         if found.spent_at is not None:
             await self._reuse_detected(owner)
         if owner.revoked_at is not None:
+            await deps.audit_now(
+                "refresh_token.rejected", owner.user_id, reason="session_ended", session_id=owner.id
+            )
             raise Unauthenticated("the session has ended; sign in again", reason="SESSION_ENDED")
         now = utcnow()
         if found.expires_at <= now or owner.expires_at <= now:
+            await deps.audit_now(
+                "refresh_token.rejected", owner.user_id, reason="expired", session_id=owner.id
+            )
             raise Unauthenticated(
                 "the refresh token has expired; sign in again", reason="REFRESH_TOKEN_EXPIRED"
             )

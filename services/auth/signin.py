@@ -11,7 +11,7 @@ from typing import NoReturn
 
 from learnmesh import audit
 from learnmesh.kernel import principal
-from learnmesh.kernel.errors import Unauthenticated
+from learnmesh.kernel.errors import InvalidArgument, Unauthenticated
 from services.auth import store
 from services.auth.deps import Deps
 from services.auth.second_factor import SecondFactor
@@ -30,18 +30,24 @@ class SignIn:
         self.second_factor = second_factor
         self.sessions = sessions
 
-    async def login(self, email: str, password: str, mfa_code: str) -> SignedIn:
+    async def login(
+        self, email: str, password: str, mfa_code: str, recovery_code: str = ""
+    ) -> SignedIn:
+        if mfa_code and recovery_code:
+            raise InvalidArgument.field("recovery_code", "send either mfa_code or recovery_code")
         email = email.lower()
         guess = await self.throttle.reserve(email, principal.call_info().client_address)
         try:
-            return await self._attempt(guess, password, mfa_code)
+            return await self._attempt(guess, password, mfa_code, recovery_code)
         except Exception:
             # No wrong guess (the code is still to come, the profile is gone, the user
             # service is down...): the reservation is given back. A wrong guess settled it.
             await self.throttle.give_back(guess)
             raise
 
-    async def _attempt(self, guess: Guess, password: str, mfa_code: str) -> SignedIn:
+    async def _attempt(
+        self, guess: Guess, password: str, mfa_code: str, recovery_code: str
+    ) -> SignedIn:
         deps = self.deps
         email = guess.email
         async with deps.transaction() as session:
@@ -56,15 +62,23 @@ class SignIn:
         if not await deps.passwords.verify(credentials.password_hash, password):
             await self._failed(guess, user_id, "password")
         uses_mfa = second_factor is not None and second_factor.enabled
+        via = ""
         if second_factor is not None and second_factor.enabled:
-            if not mfa_code:
+            if recovery_code:
+                via = "recovery_code"
+                if not await self.second_factor.spend_recovery_code(user_id, recovery_code):
+                    await self._failed(guess, user_id, "recovery_code")
+            elif mfa_code:
+                via = "totp"
+                if not await self.second_factor.accept_code(second_factor, mfa_code):
+                    await self._failed(guess, user_id, "mfa")
+            else:
                 # Not a failure: the password was right, the client asks for the code next.
                 raise Unauthenticated(
-                    "this account has MFA on: send the current code in mfa_code",
+                    "this account has MFA on: send the current code in mfa_code (or a "
+                    "recovery code in recovery_code)",
                     reason="MFA_REQUIRED",
                 )
-            if not await self.second_factor.accept_code(second_factor, mfa_code):
-                await self._failed(guess, user_id, "mfa")
         user = await deps.users.get(user_id)
         if user is None:
             raise Unauthenticated("this account no longer exists", reason="ACCOUNT_DELETED")
@@ -85,6 +99,7 @@ class SignIn:
                 user_id,
                 session_id=signed_in.session_id,
                 mfa=uses_mfa,
+                **({"via": via} if via else {}),
             )
         return signed_in
 

@@ -104,6 +104,21 @@ class Mfa(Base):
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
+class RecoveryCode(Base):
+    """A single-use MFA recovery code, as an HMAC digest (``mfa.SecretBox.recovery_digest``)."""
+
+    __tablename__ = "auth_mfa_recovery_codes"
+    __table_args__ = (Index("ix_auth_mfa_recovery_codes_user_id", "user_id"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(36))
+    # The MFA key the digest's HMAC key was derived from.
+    key_id: Mapped[str] = mapped_column(String(64))
+    code_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    used_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
 class PasswordReset(Base):
     __tablename__ = "auth_password_resets"
     __table_args__ = (Index("ix_auth_password_resets_user_id", "user_id", "created_at"),)
@@ -386,8 +401,64 @@ async def reseal_mfa(session: AsyncSession, user_id: str, key_id: str, ciphertex
     )
 
 
-async def delete_mfa(session: AsyncSession, user_id: str) -> None:
+async def delete_mfa(session: AsyncSession, user_id: str) -> bool:
+    """Removes the user's MFA (enrolled or pending) and recovery codes; True if there was
+    an enabled one."""
+    enabled = await session.scalar(select(Mfa.enabled).where(Mfa.user_id == user_id))
     await session.execute(delete(Mfa).where(Mfa.user_id == user_id))
+    await session.execute(delete(RecoveryCode).where(RecoveryCode.user_id == user_id))
+    return bool(enabled)
+
+
+async def replace_recovery_codes(
+    session: AsyncSession, user_id: str, key_id: str, code_hashes: Sequence[str]
+) -> None:
+    """The user's recovery codes become these (any earlier ones stop working)."""
+    await session.execute(delete(RecoveryCode).where(RecoveryCode.user_id == user_id))
+    now = utcnow()
+    session.add_all(
+        RecoveryCode(
+            id=new_id(),
+            user_id=user_id,
+            key_id=key_id,
+            code_hash=code_hash,
+            created_at=now,
+            used_at=None,
+        )
+        for code_hash in code_hashes
+    )
+    await session.flush()
+
+
+async def use_recovery_code(
+    session: AsyncSession, user_id: str, code_hashes: Sequence[str]
+) -> bool:
+    """Spends the user's unused code with one of these digests; False when none (or when a
+    concurrent call spent it first)."""
+    found = await session.scalar(
+        select(RecoveryCode.id).where(
+            RecoveryCode.user_id == user_id,
+            RecoveryCode.code_hash.in_(list(code_hashes)),
+            RecoveryCode.used_at.is_(None),
+        )
+    )
+    if found is None:
+        return False
+    result = await session.execute(
+        update(RecoveryCode)
+        .where(RecoveryCode.id == found, RecoveryCode.used_at.is_(None))
+        .values(used_at=utcnow())
+    )
+    return _rowcount(result) == 1
+
+
+async def count_unused_recovery_codes(session: AsyncSession, user_id: str) -> int:
+    found = await session.scalar(
+        select(func.count())
+        .select_from(RecoveryCode)
+        .where(RecoveryCode.user_id == user_id, RecoveryCode.used_at.is_(None))
+    )
+    return int(found or 0)
 
 
 # --- password resets ----------------------------------------------------------------------
@@ -418,13 +489,10 @@ async def add_reset(
     await session.flush()
 
 
-async def usable_reset(session: AsyncSession, token_hash: str) -> PasswordReset | None:
+async def reset_by_hash(session: AsyncSession, token_hash: str) -> PasswordReset | None:
+    """The reset with this token digest, used or expired as it may be."""
     found: PasswordReset | None = await session.scalar(
-        select(PasswordReset).where(
-            PasswordReset.token_hash == token_hash,
-            PasswordReset.used_at.is_(None),
-            PasswordReset.expires_at > utcnow(),
-        )
+        select(PasswordReset).where(PasswordReset.token_hash == token_hash)
     )
     return found
 

@@ -40,6 +40,15 @@ class VerifiedToken:
     expires_at: int
 
 
+@dataclass(frozen=True)
+class Rejection:
+    """Why an access token was refused: ``kind`` "expired" or "invalid" (forged, malformed,
+    unknown key...), and the verifier's message (never the token)."""
+
+    kind: str
+    message: str
+
+
 def new_refresh_token() -> tuple[str, str]:
     """A fresh opaque refresh token and the digest to store."""
     token = secrets.token_urlsafe(32)
@@ -83,20 +92,26 @@ class Tokens:
     async def verify(self, token: str) -> VerifiedToken | None:
         """The token's facts when its signature (known kid, ES256 only), issuer, audience
         and expiry are good; None otherwise (never an exception for a bad token)."""
+        verified, _ = await self.check(token)
+        return verified
+
+    async def check(self, token: str) -> tuple[VerifiedToken | None, Rejection | None]:
+        """Like ``verify``, with why a bad token was refused (for the audit trail)."""
         try:
             claims = await verified_claims(
                 token, self.keys.public_key, issuer=self.issuer, audience=self.audience
             )
-        except Unauthenticated:
-            return None
+        except Unauthenticated as exc:
+            kind = "expired" if exc.reason == "TOKEN_EXPIRED" else "invalid"
+            return None, Rejection(kind, exc.message)
         roles = claims["roles"]
         session_id = claims.get("sid")
         if not isinstance(session_id, str) or not session_id:
-            return None
+            return None, Rejection("invalid", "the access token has no session (sid)")
         return VerifiedToken(
             subject=str(claims["sub"]),
             roles=tuple(roles),
             tier=str(claims.get("tier", "free")),
             session_id=session_id,
             expires_at=int(claims["exp"]),
-        )
+        ), None

@@ -81,6 +81,11 @@ class AuthServiceStub:
                 request_serializer=learnmesh_dot_auth_dot_v1_dot_auth__pb2.DisableMfaRequest.SerializeToString,
                 response_deserializer=learnmesh_dot_auth_dot_v1_dot_auth__pb2.DisableMfaResponse.FromString,
                 _registered_method=True)
+        self.ResetMfa = channel.unary_unary(
+                '/learnmesh.auth.v1.AuthService/ResetMfa',
+                request_serializer=learnmesh_dot_auth_dot_v1_dot_auth__pb2.ResetMfaRequest.SerializeToString,
+                response_deserializer=learnmesh_dot_auth_dot_v1_dot_auth__pb2.ResetMfaResponse.FromString,
+                _registered_method=True)
         self.RequestPasswordReset = channel.unary_unary(
                 '/learnmesh.auth.v1.AuthService/RequestPasswordReset',
                 request_serializer=learnmesh_dot_auth_dot_v1_dot_auth__pb2.RequestPasswordResetRequest.SerializeToString,
@@ -115,7 +120,8 @@ class AuthServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Login(self, request, context):
-        """Exchanges email, password and (when MFA is on) a TOTP code for a token pair.
+        """Exchanges email, password and (when MFA is on) a TOTP code or a recovery code for a
+        token pair.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -150,21 +156,32 @@ class AuthServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def EnrollMfa(self, request, context):
-        """Starts TOTP enrolment: a new secret, not active until ConfirmMfa.
+        """Starts TOTP enrolment: a new secret, not active until ConfirmMfa. Needs the current
+        password (a wrong one counts as a failed sign-in).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ConfirmMfa(self, request, context):
-        """Turns MFA on with a code from the enrolled secret.
+        """Turns MFA on with a code from the enrolled secret and the current password; answers
+        with single-use recovery codes, shown this once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DisableMfa(self, request, context):
-        """Turns MFA off; needs a current code.
+        """Turns MFA off; needs the current password and a current code (or a recovery code).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetMfa(self, request, context):
+        """Turns a user's MFA off and ends all their sessions: the way back for someone who lost
+        both the authenticator and the recovery codes, or whose account was taken over. The
+        user signs in with the password alone afterwards and may enrol again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -245,6 +262,11 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.DisableMfa,
                     request_deserializer=learnmesh_dot_auth_dot_v1_dot_auth__pb2.DisableMfaRequest.FromString,
                     response_serializer=learnmesh_dot_auth_dot_v1_dot_auth__pb2.DisableMfaResponse.SerializeToString,
+            ),
+            'ResetMfa': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetMfa,
+                    request_deserializer=learnmesh_dot_auth_dot_v1_dot_auth__pb2.ResetMfaRequest.FromString,
+                    response_serializer=learnmesh_dot_auth_dot_v1_dot_auth__pb2.ResetMfaResponse.SerializeToString,
             ),
             'RequestPasswordReset': grpc.unary_unary_rpc_method_handler(
                     servicer.RequestPasswordReset,
@@ -511,6 +533,33 @@ class AuthService:
             '/learnmesh.auth.v1.AuthService/DisableMfa',
             learnmesh_dot_auth_dot_v1_dot_auth__pb2.DisableMfaRequest.SerializeToString,
             learnmesh_dot_auth_dot_v1_dot_auth__pb2.DisableMfaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetMfa(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/learnmesh.auth.v1.AuthService/ResetMfa',
+            learnmesh_dot_auth_dot_v1_dot_auth__pb2.ResetMfaRequest.SerializeToString,
+            learnmesh_dot_auth_dot_v1_dot_auth__pb2.ResetMfaResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -19,7 +19,9 @@ class AuthServiceStub:
     Register: _aio.UnaryUnaryMultiCallable[_auth_pb2.RegisterRequest, _auth_pb2.RegisterResponse]
     """Creates an account and its profile, and signs it in."""
     Login: _aio.UnaryUnaryMultiCallable[_auth_pb2.LoginRequest, _auth_pb2.LoginResponse]
-    """Exchanges email, password and (when MFA is on) a TOTP code for a token pair."""
+    """Exchanges email, password and (when MFA is on) a TOTP code or a recovery code for a
+    token pair.
+    """
     Refresh: _aio.UnaryUnaryMultiCallable[_auth_pb2.RefreshRequest, _auth_pb2.RefreshResponse]
     """Spends a refresh token for a new pair. A spent token presented again revokes its session."""
     Logout: _aio.UnaryUnaryMultiCallable[_auth_pb2.LogoutRequest, _auth_pb2.LogoutResponse]
@@ -29,11 +31,20 @@ class AuthServiceStub:
     RevokeSession: _aio.UnaryUnaryMultiCallable[_auth_pb2.RevokeSessionRequest, _auth_pb2.RevokeSessionResponse]
     """Ends one of the caller's sessions."""
     EnrollMfa: _aio.UnaryUnaryMultiCallable[_auth_pb2.EnrollMfaRequest, _auth_pb2.EnrollMfaResponse]
-    """Starts TOTP enrolment: a new secret, not active until ConfirmMfa."""
+    """Starts TOTP enrolment: a new secret, not active until ConfirmMfa. Needs the current
+    password (a wrong one counts as a failed sign-in).
+    """
     ConfirmMfa: _aio.UnaryUnaryMultiCallable[_auth_pb2.ConfirmMfaRequest, _auth_pb2.ConfirmMfaResponse]
-    """Turns MFA on with a code from the enrolled secret."""
+    """Turns MFA on with a code from the enrolled secret and the current password; answers
+    with single-use recovery codes, shown this once.
+    """
     DisableMfa: _aio.UnaryUnaryMultiCallable[_auth_pb2.DisableMfaRequest, _auth_pb2.DisableMfaResponse]
-    """Turns MFA off; needs a current code."""
+    """Turns MFA off; needs the current password and a current code (or a recovery code)."""
+    ResetMfa: _aio.UnaryUnaryMultiCallable[_auth_pb2.ResetMfaRequest, _auth_pb2.ResetMfaResponse]
+    """Turns a user's MFA off and ends all their sessions: the way back for someone who lost
+    both the authenticator and the recovery codes, or whose account was taken over. The
+    user signs in with the password alone afterwards and may enrol again.
+    """
     RequestPasswordReset: _aio.UnaryUnaryMultiCallable[_auth_pb2.RequestPasswordResetRequest, _auth_pb2.RequestPasswordResetResponse]
     """Mails a reset link when the account exists; answers the same either way."""
     ResetPassword: _aio.UnaryUnaryMultiCallable[_auth_pb2.ResetPasswordRequest, _auth_pb2.ResetPasswordResponse]
@@ -58,7 +69,9 @@ class AuthServiceServicer:
         request: _auth_pb2.LoginRequest,
         context: _aio.ServicerContext[_auth_pb2.LoginRequest, _abc.Awaitable[_auth_pb2.LoginResponse]],
     ) -> _abc.Awaitable[_auth_pb2.LoginResponse]:
-        """Exchanges email, password and (when MFA is on) a TOTP code for a token pair."""
+        """Exchanges email, password and (when MFA is on) a TOTP code or a recovery code for a
+        token pair.
+        """
 
     def Refresh(
         self,
@@ -93,21 +106,35 @@ class AuthServiceServicer:
         request: _auth_pb2.EnrollMfaRequest,
         context: _aio.ServicerContext[_auth_pb2.EnrollMfaRequest, _abc.Awaitable[_auth_pb2.EnrollMfaResponse]],
     ) -> _abc.Awaitable[_auth_pb2.EnrollMfaResponse]:
-        """Starts TOTP enrolment: a new secret, not active until ConfirmMfa."""
+        """Starts TOTP enrolment: a new secret, not active until ConfirmMfa. Needs the current
+        password (a wrong one counts as a failed sign-in).
+        """
 
     def ConfirmMfa(
         self,
         request: _auth_pb2.ConfirmMfaRequest,
         context: _aio.ServicerContext[_auth_pb2.ConfirmMfaRequest, _abc.Awaitable[_auth_pb2.ConfirmMfaResponse]],
     ) -> _abc.Awaitable[_auth_pb2.ConfirmMfaResponse]:
-        """Turns MFA on with a code from the enrolled secret."""
+        """Turns MFA on with a code from the enrolled secret and the current password; answers
+        with single-use recovery codes, shown this once.
+        """
 
     def DisableMfa(
         self,
         request: _auth_pb2.DisableMfaRequest,
         context: _aio.ServicerContext[_auth_pb2.DisableMfaRequest, _abc.Awaitable[_auth_pb2.DisableMfaResponse]],
     ) -> _abc.Awaitable[_auth_pb2.DisableMfaResponse]:
-        """Turns MFA off; needs a current code."""
+        """Turns MFA off; needs the current password and a current code (or a recovery code)."""
+
+    def ResetMfa(
+        self,
+        request: _auth_pb2.ResetMfaRequest,
+        context: _aio.ServicerContext[_auth_pb2.ResetMfaRequest, _abc.Awaitable[_auth_pb2.ResetMfaResponse]],
+    ) -> _abc.Awaitable[_auth_pb2.ResetMfaResponse]:
+        """Turns a user's MFA off and ends all their sessions: the way back for someone who lost
+        both the authenticator and the recovery codes, or whose account was taken over. The
+        user signs in with the password alone afterwards and may enrol again.
+        """
 
     def RequestPasswordReset(
         self,
