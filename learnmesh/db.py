@@ -12,6 +12,7 @@ gives the -wal and -shm files it creates the database file's own mode, so they f
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -84,7 +85,11 @@ def make_private_sqlite(database: str) -> None:
     path = Path(database)
     path.parent.mkdir(parents=True, exist_ok=True)
     # O_CREAT with 0600: the file never exists with a wider mode, even for an instant.
-    os.close(os.open(path, os.O_RDONLY | os.O_CREAT, PRIVATE))
+    # Only when missing: closing any descriptor of a file drops every POSIX lock this
+    # process holds on it, so opening a database SQLite already has open would break
+    # SQLite's locking (disk I/O errors in another connection of the process).
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, PRIVATE))
     for file in [path, *(path.with_name(path.name + s) for s in SQLITE_COMPANIONS)]:
         try:
             if file.stat().st_mode & 0o777 != PRIVATE:
