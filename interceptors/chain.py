@@ -351,22 +351,21 @@ class ServerChain(aio.ServerInterceptor):
 
 
 def _reading(method: MethodInfo, behavior: Behavior) -> Behavior:
-    """Reads a pending request before ``behavior`` runs."""
+    """Reads the pending request before ``behavior`` runs (placed where no link outside it
+    has read it, so the request is always still pending here)."""
     if method.kind == "unary_unary":
 
-        async def unary_unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-            if type(request) is PendingRequest:
-                request = await request.read()
-            return await behavior(request, context)
+        async def unary_unary(
+            pending: PendingRequest, context: aio.ServicerContext[Any, Any]
+        ) -> Any:
+            return await behavior(await pending.read(), context)
 
         return unary_unary
 
     async def unary_stream(
-        request: Any, context: aio.ServicerContext[Any, Any]
+        pending: PendingRequest, context: aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
-        if type(request) is PendingRequest:
-            request = await request.read()
-        async for message in stream_of(behavior(request, context)):
+        async for message in stream_of(behavior(await pending.read(), context)):
             yield message
 
     return unary_stream

@@ -55,13 +55,18 @@ def remaining() -> float | None:
     return None if deadline is None else deadline - time.monotonic()
 
 
+def _slot_ms(seconds: float) -> int:
+    """The width of the deadline slot (ms) a deadline ``seconds`` away joins: a hundredth
+    of it, between 1 and 50 ms (see ``_Slots``)."""
+    return min(max(int(seconds * 10), 1), 50)
+
+
 def _early(left: float) -> float:
     """How much sooner than the caller's own deadline the server gives up, so that its
     DEADLINE_EXCEEDED (with the call's trailers: the request id) reaches the caller before
     the caller's timer ends the call on its own: two deadline slots and 2 ms for the
     network, at most half the time left."""
-    slot = min(max(int(left * 10), 1), 50) / 1000
-    return min(2 * slot + 0.002, left / 2)
+    return min(2 * _slot_ms(left) / 1000 + 0.002, left / 2)
 
 
 class Deadline(ServerLink):
@@ -181,7 +186,7 @@ class _Slots:
         self.slots: dict[int, set[_Timer]] = {}  # slot end, in whole ms of loop time -> timers
 
     def join(self, timer: _Timer, seconds: float, loop: asyncio.AbstractEventLoop) -> set[_Timer]:
-        width = min(max(int(seconds * 10), 1), 50)  # ms
+        width = _slot_ms(seconds)
         due = math.ceil((loop.time() + seconds) * 1000 / width) * width
         members = self.slots.get(due)
         if members is None:

@@ -82,10 +82,3 @@ class PendingRequest:
             text = "the call ended before its request message was sent"
             raise InvalidArgument([FieldViolation("", text)], text)
         return message
-
-
-async def arrived(request: Any) -> Any:
-    """The request message itself, read first when it is still pending."""
-    if type(request) is PendingRequest:
-        return await request.read()
-    return request
