@@ -84,9 +84,9 @@ class JwksCache:
     async def key(self, kid: str) -> Any | None:
         now = time.monotonic()
         stale = now - self._fetched_at > self._max_age
-        if ((kid not in self._keys or stale) and now - self._tried_at >= self._min_refetch) or (
-            not self._keys and self._fetching is not None
-        ):
+        running = self._fetching is not None and not self._fetching.done()
+        due = now - self._tried_at >= self._min_refetch
+        if ((kid not in self._keys or stale) and due) or (not self._keys and running):
             await self._refreshed()
         if not self._keys:
             raise Unavailable(
