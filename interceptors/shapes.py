@@ -60,12 +60,24 @@ def canonical(kind: RpcKind, behavior: Behavior) -> Behavior:
     return _threaded_stream(behavior, request_streaming=request_streaming)
 
 
+async def _in_thread(
+    behavior: Behavior,
+    request: Any,
+    context: aio.ServicerContext[Any, Any],
+    *,
+    request_streaming: bool,
+) -> Any:
+    """Calls a plain handler in a worker thread, with the blocking request iterator and
+    context it expects."""
+    loop = asyncio.get_running_loop()
+    if request_streaming:
+        request = SyncRequests(request, context, loop)
+    return await asyncio.to_thread(behavior, request, SyncContext(context, loop))
+
+
 def _threaded_unary(behavior: Behavior, *, request_streaming: bool) -> Behavior:
     async def unary_response(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-        loop = asyncio.get_running_loop()
-        if request_streaming:
-            request = SyncRequests(request, context, loop)
-        result = await asyncio.to_thread(behavior, request, SyncContext(context, loop))
+        result = await _in_thread(behavior, request, context, request_streaming=request_streaming)
         if inspect.isawaitable(result):  # an async callable that inspect could not tell
             result = await result
         return result
@@ -77,10 +89,7 @@ def _threaded_stream(behavior: Behavior, *, request_streaming: bool) -> Behavior
     async def streaming_response(
         request: Any, context: aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
-        loop = asyncio.get_running_loop()
-        if request_streaming:
-            request = SyncRequests(request, context, loop)
-        result = await asyncio.to_thread(behavior, request, SyncContext(context, loop))
+        result = await _in_thread(behavior, request, context, request_streaming=request_streaming)
         if inspect.isawaitable(result) or hasattr(result, "__aiter__"):
             async for message in stream_of(result):
                 yield message
