@@ -25,10 +25,10 @@ os.environ.update(
 )
 
 from interceptors.auth import AccessPolicy
-from interceptors.chain import ServerLink
 from interceptors.deadline import Deadline
 from interceptors.errors import ErrorMapping
 from interceptors.identity import PeerIdentity
+from interceptors.link import ServerLink
 from interceptors.method import method_info
 from interceptors.metrics import Metrics
 from interceptors.ratelimit import MemoryBackend, RateLimit

@@ -12,10 +12,11 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from interceptors.auth import AccessPolicy
-from interceptors.chain import ServerChain, ServerLink
+from interceptors.chain import ServerChain
 from interceptors.deadline import Deadline
 from interceptors.errors import ErrorMapping
 from interceptors.identity import PeerIdentity
+from interceptors.link import ServerLink
 from interceptors.metrics import Metrics
 from interceptors.ratelimit import RateLimit, backend_for
 from interceptors.request_id import RequestId
