@@ -29,7 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from learnmesh import probe
 from learnmesh.admin import start_admin
 from learnmesh.course.v1 import course_pb2_grpc
-from tests.doubles import CourseDouble
+from tests.support.doubles import CourseDouble
 
 PROBE = [sys.executable, "-m", "learnmesh.probe"]
 COURSE = "learnmesh.course.v1.CourseService"

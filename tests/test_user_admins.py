@@ -21,9 +21,9 @@ from learnmesh import cli, config
 from learnmesh.auth.v1 import auth_pb2
 from learnmesh.user.v1 import user_pb2
 from services.user.profiles import ROLES
-from tests.auth_support import introspect
 from tests.conftest import PASSWORD, Mesh, bearer
-from tests.test_user import audit_rows, error_reason, new_email
+from tests.support.mesh import audit_rows, introspect, new_email
+from tests.support.status import error_reason
 
 LEARNMESH = [sys.executable, "-m", "learnmesh.cli"]
 ROUNDS = 5
