@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 
 import grpc
 import pytest
@@ -17,6 +16,7 @@ from sqlalchemy import text
 from learnmesh.auth.v1 import auth_pb2
 from tests.conftest import ADMIN_EMAIL, PASSWORD, Mesh, bearer
 from tests.support.mesh import audit_events, introspect, new_email
+from tests.support.processes import Finished, python_module, run_to_end
 from tests.support.status import error_reason, violations
 from tests.support.totp import code_at, start_of_a_quiet_step
 
@@ -248,23 +248,12 @@ async def test_admin_resets_a_users_mfa(mesh: Mesh, admin: auth_pb2.RegisterResp
         assert err.value.code() == code
 
 
-async def run_cli(mesh: Mesh, *args: str) -> tuple[int, str, str]:
+async def run_cli(mesh: Mesh, *args: str) -> Finished:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LEARNMESH_")}
     env.update(
         LEARNMESH_VAR_DIR=mesh.settings.var_dir, LEARNMESH_DATABASE_URL=mesh.settings.database
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "learnmesh.cli",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_to_end(python_module("learnmesh.cli", *args), env=env)
 
 
 async def test_operator_resets_mfa_from_the_command_line(mesh: Mesh) -> None:

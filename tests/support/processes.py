@@ -1,5 +1,6 @@
-"""The one way tests start a server in another process: run its command, read its output
-until it says it is ready, learn its port from what it printed, and kill it afterwards."""
+"""How tests run other processes: the one way to start a server in one (run its command,
+read its output until it says it is ready, learn its port from what it printed, kill it
+afterwards), and running a command to its end."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[2]
 # What tests/support/double_process.py (and any server started here by default) prints.
 PORT_LINE = re.compile(r"^port (\d+)$", re.MULTILINE)
-START_SECONDS = 60  # to print the ready line (a cold interpreter importing grpc, SQLAlchemy)
+# For a server to say it is ready, or a command to end (a cold interpreter importing grpc).
+START_SECONDS = 60
 STOP_SECONDS = 30
 
 
@@ -38,6 +41,12 @@ class ServerProcess:
             self.proc.send_signal(signum)
         out, err = await asyncio.wait_for(self.proc.communicate(), STOP_SECONDS)
         return out.decode(), (err or b"").decode()
+
+
+class Finished(NamedTuple):
+    code: int
+    out: str
+    err: str
 
 
 def python_module(module: str, *args: str) -> list[str]:
@@ -85,3 +94,17 @@ async def server_process(
             with suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
+
+
+async def run_to_end(command: list[str], *, env: Mapping[str, str] | None = None) -> Finished:
+    """Runs a command that ends by itself (the CLI's one-shot commands, the probe)."""
+    proc = await asyncio.create_subprocess_exec(
+        *command,
+        cwd=ROOT,
+        env=None if env is None else dict(env),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), START_SECONDS)
+    assert proc.returncode is not None
+    return Finished(proc.returncode, out.decode(), err.decode())

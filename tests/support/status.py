@@ -20,7 +20,7 @@ DetailT = TypeVar("DetailT", bound=Message)
 
 def status_of(err: aio.AioRpcError) -> status_pb2.Status:
     """The rich status the server sent with ``err`` (failing the test when there is none)."""
-    status: status_pb2.Status | None = rpc_status.from_call(err)  # type: ignore[arg-type]  # an AioRpcError is a grpc.Call in all from_call uses
+    status: status_pb2.Status | None = rpc_status.from_call(err)  # type: ignore[arg-type]  # reads only what an AioRpcError has
     assert status is not None, f"no status details in the trailers of {err.code()}"
     return status
 
