@@ -5,7 +5,9 @@ work on the chain's hot path (the figures that count come from ``benchmarks.run`
 
 Each call runs in a task of its own, as grpc.aio runs handlers, against a stand-in
 context; the figure for a link is the time per call with that link alone minus the time
-with no link. Tracing samples 10 % (parent-based) and records without exporting.
+with no link, then the whole chain's. The links are the product's, built by
+learnmesh.server.server_links. Tracing samples 10 % (parent-based) and records without
+exporting.
 """
 
 from __future__ import annotations
@@ -25,20 +27,20 @@ os.environ.update(
 )
 
 from interceptors.auth import AccessPolicy
-from interceptors.chain import ServerLink
 from interceptors.deadline import Deadline
 from interceptors.errors import ErrorMapping
 from interceptors.identity import PeerIdentity
+from interceptors.link import ServerLink
 from interceptors.method import method_info
 from interceptors.metrics import Metrics
-from interceptors.ratelimit import MemoryBackend, RateLimit
+from interceptors.ratelimit import RateLimit
 from interceptors.request_id import RequestId
 from interceptors.tracing import Tracing
 from interceptors.validation import Validation
 from learnmesh import config
 from learnmesh.course.v1 import course_pb2
 from learnmesh.kernel.logs import setup_logging
-from learnmesh.kernel.tokens import JwksCache, TokenVerifier
+from learnmesh.server import server_links
 from learnmesh.telemetry import setup_tracing
 
 METHOD = "/learnmesh.course.v1.CourseService/GetCourse"
@@ -76,23 +78,31 @@ async def _no_keys() -> list[dict[str, str]]:
     return []
 
 
-def links() -> dict[str, Callable[[], ServerLink]]:
-    settings = config.load(env={})
-    unlimited = dataclasses.replace(settings.limits, free_per_minute=10**9)
-    return {
-        "RequestId": RequestId,
-        "Tracing (10 %)": Tracing,
-        "Metrics": lambda: Metrics(access_log=False),
-        "Metrics + access log": lambda: Metrics(access_log=True),
-        "ErrorMapping": ErrorMapping,
-        "Deadline": lambda: Deadline(10.0, 30.0),
-        "PeerIdentity": lambda: PeerIdentity("learnmesh.local", tls=False),
-        "AccessPolicy (public)": lambda: AccessPolicy(
-            TokenVerifier(JwksCache(_no_keys), issuer="learnmesh", audience="learnmesh"), {}
-        ),
-        "RateLimit": lambda: RateLimit(unlimited, MemoryBackend()),
-        "Validation": Validation,
-    }
+def chain(*only: type[ServerLink], access_log: bool = True) -> list[ServerLink]:
+    """The product's server chain (``only`` those links when named), as a plaintext server
+    builds it, with limits no call reaches and no signing keys (public calls only)."""
+    base = config.load(env={})
+    settings = dataclasses.replace(
+        base,
+        limits=dataclasses.replace(base.limits, free_per_minute=10**9),
+        telemetry=dataclasses.replace(base.telemetry, access_log=access_log),
+    )
+    return server_links(None, {}, tls=False, settings=settings, jwks=_no_keys, only=only or None)
+
+
+# Each link measured alone, built as the whole chain builds it.
+ALONE: dict[str, Callable[[], list[ServerLink]]] = {
+    "RequestId": lambda: chain(RequestId),
+    "Tracing (10 %)": lambda: chain(Tracing),
+    "Metrics": lambda: chain(Metrics, access_log=False),
+    "Metrics + access log": lambda: chain(Metrics),
+    "ErrorMapping": lambda: chain(ErrorMapping),
+    "Deadline": lambda: chain(Deadline),
+    "PeerIdentity": lambda: chain(PeerIdentity),
+    "AccessPolicy (public)": lambda: chain(AccessPolicy),
+    "RateLimit": lambda: chain(RateLimit),
+    "Validation": lambda: chain(Validation),
+}
 
 
 async def per_call(chain: list[ServerLink], calls: int) -> float:
@@ -120,16 +130,11 @@ async def main() -> None:
     setup_tracing("learnmesh-links")
     with open(os.devnull, "w") as sink:  # noqa: ASYNC230 - /dev/null, before any load
         setup_logging("WARNING", access_log=True, stream=sink)
-        makers = links()
         base = await per_call([], calls)
         print(f"{'task + trivial handler':<24} {base:6.1f} µs")
-        for name, make in makers.items():
-            print(f"{name:<24} +{await per_call([make()], calls) - base:5.1f} µs")
-        order = [
-            "RequestId", "Tracing (10 %)", "Metrics + access log", "ErrorMapping", "Deadline",
-            "PeerIdentity", "AccessPolicy (public)", "RateLimit", "Validation",
-        ]  # fmt: skip
-        whole = await per_call([makers[name]() for name in order], calls)
+        for name, make in ALONE.items():
+            print(f"{name:<24} +{await per_call(make(), calls) - base:5.1f} µs")
+        whole = await per_call(chain(), calls)
         print(f"{'whole chain':<24} +{whole - base:5.1f} µs")
 
 

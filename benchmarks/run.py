@@ -8,8 +8,8 @@ drives one at a time from outside with unary calls. Every run of a configuration
 paired with a run of the bare server right next to it, before or after it in turn, so
 the drift of a shared machine (easily ±15 % over a minute here) hits both alike. Each
 figure is the median over rounds of (configuration calls/s) / (bare calls/s of its
-pair); the quartiles of those ratios show the spread. The results go to
-benchmarks/RESULTS.md and into README.md between the benchmark markers.
+pair); the quartiles of those ratios show the spread. The results go between the
+benchmark markers of benchmarks/RESULTS.md and README.md; the rest of both is kept.
 """
 
 from __future__ import annotations
@@ -44,7 +44,13 @@ SIGNED_IN = (
     "/learnmesh.course.v1.CourseService/GetProgress",
     course_pb2.GetProgressRequest(course_id=str(uuid.uuid4())),
 )
+# benchmarks/RESULTS.md and README.md: the figures go between these markers, nothing else
+# in either file is rewritten.
 MARK_BEGIN, MARK_END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
+RESULTS_HEAD = (
+    "# Benchmark results\n\nBetween the markers: made by `python -m benchmarks.run`, which "
+    "rewrites only that part; text outside them is kept.\n\n"
+)
 
 
 def free_port() -> int:
@@ -224,18 +230,36 @@ def report(rounds: list[Round], load: h2load.Load) -> str:
     return "\n".join(lines)
 
 
-def write(text: str) -> None:
-    (ROOT / "benchmarks" / "RESULTS.md").write_text(
-        "# Benchmark results\n\nMade by `python -m benchmarks.run`; do not edit by hand.\n\n"
-        + text
-        + "\n"
-    )
-    readme = ROOT / "README.md"
+def between_markers(content: str, text: str) -> str:
+    """``content`` with what lies between MARK_BEGIN and MARK_END replaced by ``text``;
+    everything outside the markers is kept as it was. ValueError unless each marker is
+    there exactly once, the beginning first."""
+    if content.count(MARK_BEGIN) != 1 or content.count(MARK_END) != 1:
+        raise ValueError(f"expected one {MARK_BEGIN} and one {MARK_END}")
+    head, rest = content.split(MARK_BEGIN)
+    if MARK_END not in rest:
+        raise ValueError(f"{MARK_END} comes before {MARK_BEGIN}")
+    _, tail = rest.split(MARK_END)
+    return f"{head}{MARK_BEGIN}\n{text}\n{MARK_END}{tail}"
+
+
+def write(text: str, root: Path = ROOT) -> None:
+    """Puts ``text`` between the markers of benchmarks/RESULTS.md (made with them when
+    missing, the marked section added at its end when it has none) and of README.md (left
+    alone without them); nothing outside the markers is touched, and neither file is
+    written when either one's markers are broken."""
+    results, readme = root / "benchmarks" / "RESULTS.md", root / "README.md"
+    content = results.read_text() if results.exists() else RESULTS_HEAD
+    if MARK_BEGIN not in content and MARK_END not in content:
+        content = f"{content.rstrip()}\n\n{MARK_BEGIN}\n{MARK_END}\n"
+    updates = {results: between_markers(content, text)}
     content = readme.read_text()
-    if MARK_BEGIN in content and MARK_END in content:
-        head, rest = content.split(MARK_BEGIN, 1)
-        _, tail = rest.split(MARK_END, 1)
-        readme.write_text(f"{head}{MARK_BEGIN}\n{text}\n{MARK_END}{tail}")
+    if MARK_BEGIN in content or MARK_END in content:
+        updates[readme] = between_markers(content, text)
+    else:
+        print(f"README.md has no {MARK_BEGIN} … {MARK_END}: not updated", file=sys.stderr)
+    for path, updated in updates.items():
+        path.write_text(updated)
 
 
 def main() -> None:

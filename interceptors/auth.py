@@ -17,7 +17,8 @@ from typing import Any
 
 from grpc import aio
 
-from interceptors.chain import Behavior, ServerLink, call_metadata, guard
+from interceptors.call_state import call_metadata
+from interceptors.link import Behavior, ServerLink, guard
 from interceptors.method import MethodInfo
 from interceptors.requests import refuse_undecodable
 from learnmesh.common.v1 import access_pb2

@@ -32,8 +32,8 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from interceptors.chain import Behavior, ServerLink
 from interceptors.client import ClientConcern, method_name, replace_details
+from interceptors.link import Behavior, ServerLink
 from interceptors.method import MethodInfo
 from interceptors.requests import PendingRequest
 from interceptors.shapes import stream_of

@@ -16,7 +16,8 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc import aio
 
-from interceptors.chain import Behavior, ServerLink, around, trailers
+from interceptors.call_state import trailers
+from interceptors.link import Behavior, ServerLink, around
 from interceptors.method import MethodInfo
 from learnmesh.kernel import principal
 from learnmesh.kernel.errors import ERROR_DOMAIN, DomainError, InvalidArgument, ResourceExhausted

@@ -15,7 +15,7 @@ from typing import Any
 
 from grpc import aio
 
-from interceptors.chain import Behavior, ServerLink, guard
+from interceptors.link import Behavior, ServerLink, guard
 from interceptors.method import MethodInfo
 from learnmesh.common.v1 import access_pb2
 from learnmesh.kernel import principal

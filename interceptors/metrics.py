@@ -31,7 +31,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from interceptors.chain import Behavior, ServerLink
+from interceptors.link import Behavior, ServerLink
 from interceptors.method import MethodInfo
 from interceptors.outcome import observe
 from interceptors.request_id import peer_address

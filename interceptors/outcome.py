@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from interceptors.chain import Behavior
+from interceptors.link import Behavior
 from interceptors.method import MethodInfo
 from interceptors.shapes import stream_of
 

@@ -40,7 +40,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from interceptors.chain import Behavior, ServerLink, add_trailers, guard
+from interceptors.call_state import add_trailers
+from interceptors.link import Behavior, ServerLink, guard
 from interceptors.method import MethodInfo
 from learnmesh.common.v1 import access_pb2
 from learnmesh.kernel import principal

@@ -9,8 +9,9 @@ from typing import Any
 
 from grpc import aio
 
-from interceptors.chain import Behavior, ServerLink, add_trailer, call_metadata, guard
+from interceptors.call_state import add_trailer, call_metadata
 from interceptors.client import ClientConcern, with_metadata
+from interceptors.link import Behavior, ServerLink, guard
 from interceptors.method import MethodInfo
 from learnmesh.kernel.principal import CallInfo, call_info, set_call_info
 

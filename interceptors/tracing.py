@@ -46,8 +46,9 @@ from opentelemetry.trace import (
     TraceState,
 )
 
-from interceptors.chain import Behavior, ServerLink, call_metadata
+from interceptors.call_state import call_metadata
 from interceptors.client import ClientConcern, method_name, replace_details
+from interceptors.link import Behavior, ServerLink
 from interceptors.method import MethodInfo, split
 from interceptors.outcome import observe
 from interceptors.spans import DroppedRoot, SpanStarter

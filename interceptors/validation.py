@@ -36,7 +36,7 @@ import protovalidate
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from buf.validate import validate_pb2
-from interceptors.chain import Behavior, ServerLink, each_request
+from interceptors.link import Behavior, ServerLink, each_request
 from interceptors.method import MethodInfo
 from interceptors.requests import refuse_undecodable
 from learnmesh.common.v1 import text_pb2

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
 
 from interceptors.auth import AccessPolicy
-from interceptors.chain import ServerChain, ServerLink
+from interceptors.chain import ServerChain
 from interceptors.deadline import Deadline
 from interceptors.errors import ErrorMapping
 from interceptors.identity import PeerIdentity
+from interceptors.link import ServerLink
 from interceptors.metrics import Metrics
 from interceptors.ratelimit import RateLimit, backend_for
 from interceptors.request_id import RequestId
@@ -26,7 +28,7 @@ from learnmesh.auth.v1 import auth_pb2
 from learnmesh.client import ClientFactory
 from learnmesh.config import Settings
 from learnmesh.db import Database
-from learnmesh.kernel.tokens import JwksCache, TokenVerifier
+from learnmesh.kernel.tokens import JwksCache, JwksFetch, TokenVerifier
 from learnmesh.service import Runtime, ServiceDefinition
 
 log = logging.getLogger("learnmesh.server")
@@ -49,7 +51,7 @@ def build_runtime(
     return runtime, tls.server_credentials(settings, identity)
 
 
-def jwks_fetcher(runtime: Runtime) -> Any:
+def jwks_fetcher(runtime: Runtime) -> JwksFetch:
     """Fetches the JWK Set from the auth service through the client factory."""
 
     async def fetch() -> list[dict[str, str]]:
@@ -63,26 +65,68 @@ def jwks_fetcher(runtime: Runtime) -> Any:
 
 
 def server_links(
-    runtime: Runtime, owner_resolvers: dict[str, Any], *, tls: bool
+    runtime: Runtime | None,
+    owner_resolvers: dict[str, Any],
+    *,
+    tls: bool,
+    settings: Settings | None = None,
+    jwks: JwksFetch | None = None,
+    jwks_min_refetch: float = 1.0,
+    registry: CollectorRegistry | None = None,
+    only: Collection[type[ServerLink]] | None = None,
 ) -> list[ServerLink]:
-    """The server chain, outermost first (ARCHITECTURE.md, "Call path")."""
-    settings = runtime.settings
-    verifier = TokenVerifier(
-        JwksCache(jwks_fetcher(runtime)),
-        issuer=settings.auth.issuer,
-        audience=settings.auth.audience,
-    )
-    return [
-        RequestId(),
-        Tracing(sdk_spans=settings.telemetry.sdk_spans),
-        Metrics(access_log=settings.telemetry.access_log),
-        ErrorMapping(),
-        Deadline(settings.deadlines.default, settings.deadlines.cap, settings.method_deadlines),
-        PeerIdentity(settings.tls.trust_domain, tls=tls, extra_callers=settings.tls.callers),
-        AccessPolicy(verifier, owner_resolvers),
-        RateLimit(settings.limits, backend_for(settings.redis_url, settings.limits.redis_prefix)),
-        Validation(),
+    """The server chain, outermost first (ARCHITECTURE.md, "Call path"): the one place its
+    order is written.
+
+    ``settings`` default to the runtime's; ``jwks`` fetches the keys access tokens are
+    verified with (default: the auth service's, through the runtime's clients). Tests and
+    measurements outside a process pass no runtime and both of those. ``registry`` takes
+    the call metrics (the process's default when None). ``only`` keeps the links of those
+    types alone, in the same order, for tests and measurements of part of the chain; the
+    others are not even built.
+    """
+    if runtime is not None:
+        settings = runtime.settings if settings is None else settings
+        jwks = jwks_fetcher(runtime) if jwks is None else jwks
+    if settings is None or jwks is None:
+        raise ValueError("without a runtime, server_links needs settings and jwks")
+
+    def access_policy() -> ServerLink:
+        cache = JwksCache(jwks, min_refetch=jwks_min_refetch)
+        verifier = TokenVerifier(
+            cache, issuer=settings.auth.issuer, audience=settings.auth.audience
+        )
+        return AccessPolicy(verifier, owner_resolvers)
+
+    makers: list[tuple[type[ServerLink], Callable[[], ServerLink]]] = [
+        (RequestId, RequestId),
+        (Tracing, lambda: Tracing(sdk_spans=settings.telemetry.sdk_spans)),
+        (Metrics, lambda: Metrics(registry, access_log=settings.telemetry.access_log)),
+        (ErrorMapping, ErrorMapping),
+        (
+            Deadline,
+            lambda: Deadline(
+                settings.deadlines.default, settings.deadlines.cap, settings.method_deadlines
+            ),
+        ),
+        (
+            PeerIdentity,
+            lambda: PeerIdentity(
+                settings.tls.trust_domain, tls=tls, extra_callers=settings.tls.callers
+            ),
+        ),
+        (AccessPolicy, access_policy),
+        (
+            RateLimit,
+            lambda: RateLimit(
+                settings.limits, backend_for(settings.redis_url, settings.limits.redis_prefix)
+            ),
+        ),
+        (Validation, Validation),
     ]
+    if only is not None and not set(only) <= {kind for kind, _ in makers}:
+        raise ValueError(f"not links of the server chain: {set(only) - {k for k, _ in makers}}")
+    return [make() for kind, make in makers if only is None or kind in only]
 
 
 @dataclass

@@ -16,15 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import grpc
 import pytest
 from grpc import aio
 
-from learnmesh import certs, cli, config, tls
+from learnmesh import cli, config, tls
 from learnmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from learnmesh.server import MeshServer, build_runtime, start_server
 from learnmesh.service import Runtime, definition
 from learnmesh.user.v1 import user_pb2_grpc
+from tests.support.authority import Authority
 
 POSTGRES_URL = os.environ.get(
     "LEARNMESH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
@@ -121,12 +121,8 @@ class Mesh:
             return self.channel
         if (name, kind) in self._as:
             return self._as[(name, kind)]
-        directory = tls.certs_dir(self.settings)
-        issued = certs.issue(directory, name, self.settings.tls.trust_domain, kind=kind)
-        key, cert = issued.read()
-        credentials = grpc.ssl_channel_credentials(
-            (directory / "ca.pem").read_bytes(), private_key=key, certificate_chain=cert
-        )
+        ca = Authority(tls.certs_dir(self.settings), self.settings.tls.trust_domain)
+        credentials = ca.channel_credentials(name, kind)
         channel = aio.secure_channel(self.server.address, credentials)
         self.extra_channels.append(channel)
         self._as[(name, kind)] = channel

@@ -20,15 +20,9 @@ from grpc import aio
 from sqlalchemy import text
 
 from learnmesh.auth.v1 import auth_pb2
-from tests.auth_support import (
-    audit_events,
-    new_email,
-    reset_token_in,
-    violated_fields,
-    wait_for_mail,
-)
 from tests.conftest import PASSWORD, Mesh, bearer
-from tests.test_auth_tokens import signing_key
+from tests.support.mesh import audit_events, new_email, reset_token_in, signing_key, wait_for_mail
+from tests.support.status import violations
 
 CALL_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -120,7 +114,7 @@ async def test_refused_reset_tokens_are_audited(mesh: Mesh) -> None:
     rid = request_id()
     with pytest.raises(aio.AioRpcError) as err:
         await mesh.auth.ResetPassword(request, metadata=(rid,))
-    assert violated_fields(err.value) == {"token": "the reset token is invalid or has expired"}
+    assert violations(err.value) == {"token": "the reset token is invalid or has expired"}
     assert await events_of(mesh, rid) == [
         ("password_reset.token_rejected", "", {"reason": "unknown"})
     ]
@@ -153,7 +147,7 @@ async def test_refused_reset_tokens_are_audited(mesh: Mesh) -> None:
                 auth_pb2.ResetPasswordRequest(token=token, new_password="hijacked password!"),
                 metadata=(rid,),
             )
-        assert violated_fields(err.value) == {"token": "the reset token is invalid or has expired"}
+        assert violations(err.value) == {"token": "the reset token is invalid or has expired"}
         assert await events_of(mesh, rid) == [
             ("password_reset.token_rejected", registered.user.id, {"reason": reason})
         ]
@@ -217,7 +211,7 @@ async def test_mfa_enrolment_and_wrong_confirm_codes_are_audited(mesh: Mesh) -> 
         await mesh.auth.ConfirmMfa(
             auth_pb2.ConfirmMfaRequest(code="000000", password=PASSWORD), metadata=me
         )
-    assert set(violated_fields(err.value)) == {"code"}
+    assert set(violations(err.value)) == {"code"}
     events = [(e, d) for e, d in await audit_events(mesh, registered.user.id)]
     assert ("mfa.enrolment_started", {}) in events
     assert ("mfa.code_rejected", {"action": "confirm"}) in events

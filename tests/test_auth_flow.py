@@ -20,15 +20,6 @@ from learnmesh import config
 from learnmesh.auth.v1 import auth_pb2
 from learnmesh.user.v1 import user_pb2
 from services.auth import store
-from tests.auth_support import (
-    audit_events,
-    count_rows,
-    error_reason,
-    introspect,
-    new_email,
-    retry_delay,
-    violated_fields,
-)
 from tests.conftest import (
     ADMIN_EMAIL,
     PASSWORD,
@@ -38,6 +29,8 @@ from tests.conftest import (
     running_mesh,
     scratch_database,
 )
+from tests.support.mesh import audit_events, count_rows, introspect, new_email
+from tests.support.status import error_reason, retry_delay, violations
 
 
 @pytest.fixture(scope="module")
@@ -292,13 +285,13 @@ async def test_bad_register_input_names_each_field_and_writes_nothing(mesh: Mesh
         with pytest.raises(aio.AioRpcError) as err:
             await mesh.auth.Register(request)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert set(violated_fields(err.value)) == {field}
+        assert set(violations(err.value)) == {field}
     with pytest.raises(aio.AioRpcError) as err:
         await mesh.auth.Register(
             auth_pb2.RegisterRequest(email="nope", password="short", accepted_terms=False)
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert set(violated_fields(err.value)) == {
+    assert set(violations(err.value)) == {
         "email",
         "password",
         "display_name",

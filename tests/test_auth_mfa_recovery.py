@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 
 import grpc
 import pytest
@@ -15,9 +14,11 @@ from grpc import aio
 from sqlalchemy import text
 
 from learnmesh.auth.v1 import auth_pb2
-from tests.auth_support import audit_events, error_reason, introspect, new_email, violated_fields
 from tests.conftest import ADMIN_EMAIL, PASSWORD, Mesh, bearer
-from tests.test_auth_mfa_reset import code_at, start_of_a_quiet_step
+from tests.support.mesh import audit_events, introspect, new_email
+from tests.support.processes import Finished, python_module, run_to_end
+from tests.support.status import error_reason, violations
+from tests.support.totp import code_at, start_of_a_quiet_step
 
 WRONG = "not the password at all"
 
@@ -59,11 +60,11 @@ async def test_a_token_without_the_password_changes_no_mfa(mesh: Mesh) -> None:
     with pytest.raises(aio.AioRpcError) as err:  # no password at all: a field violation
         await mesh.auth.EnrollMfa(auth_pb2.EnrollMfaRequest(), metadata=me)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert set(violated_fields(err.value)) == {"password"}
+    assert set(violations(err.value)) == {"password"}
     with pytest.raises(aio.AioRpcError) as err:
         await mesh.auth.EnrollMfa(auth_pb2.EnrollMfaRequest(password=WRONG), metadata=me)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert violated_fields(err.value) == {
+    assert violations(err.value) == {
         "password": "the password is not this account's current password"
     }
     async with mesh.runtime.db.transaction() as session:
@@ -81,7 +82,7 @@ async def test_a_token_without_the_password_changes_no_mfa(mesh: Mesh) -> None:
         await mesh.auth.ConfirmMfa(
             auth_pb2.ConfirmMfaRequest(code=code_at(secret, step), password=WRONG), metadata=me
         )
-    assert set(violated_fields(err.value)) == {"password"}
+    assert set(violations(err.value)) == {"password"}
     await mesh.auth.ConfirmMfa(
         auth_pb2.ConfirmMfaRequest(code=code_at(secret, step), password=PASSWORD), metadata=me
     )
@@ -90,7 +91,7 @@ async def test_a_token_without_the_password_changes_no_mfa(mesh: Mesh) -> None:
             auth_pb2.DisableMfaRequest(code=code_at(secret, step + 1), password=WRONG),
             metadata=me,
         )
-    assert set(violated_fields(err.value)) == {"password"}
+    assert set(violations(err.value)) == {"password"}
     # Still on: the password alone does not sign in.
     with pytest.raises(aio.AioRpcError) as err:
         await login(mesh, email)
@@ -157,10 +158,10 @@ async def test_recovery_codes_sign_in_once_each(mesh: Mesh) -> None:
     with pytest.raises(aio.AioRpcError) as err:
         await login(mesh, email, mfa_code="123456", recovery_code=codes[2])
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert set(violated_fields(err.value)) == {"recovery_code"}
+    assert set(violations(err.value)) == {"recovery_code"}
     with pytest.raises(aio.AioRpcError) as err:
         await login(mesh, email, recovery_code="0000-not-a-code")
-    assert set(violated_fields(err.value)) == {"recovery_code"}
+    assert set(violations(err.value)) == {"recovery_code"}
 
     # Two concurrent sign-ins with one code: one wins.
     results = await asyncio.gather(
@@ -182,12 +183,12 @@ async def test_recovery_codes_sign_in_once_each(mesh: Mesh) -> None:
     me = bearer(signed_in.access_token)
     with pytest.raises(aio.AioRpcError) as err:
         await mesh.auth.DisableMfa(auth_pb2.DisableMfaRequest(password=PASSWORD), metadata=me)
-    assert set(violated_fields(err.value)) == {"code", "recovery_code"}
+    assert set(violations(err.value)) == {"code", "recovery_code"}
     with pytest.raises(aio.AioRpcError) as err:
         await mesh.auth.DisableMfa(
             auth_pb2.DisableMfaRequest(password=PASSWORD, recovery_code=codes[0]), metadata=me
         )
-    assert violated_fields(err.value) == {
+    assert violations(err.value) == {
         "recovery_code": "the recovery code is wrong or was already used"
     }
     await mesh.auth.DisableMfa(
@@ -247,23 +248,12 @@ async def test_admin_resets_a_users_mfa(mesh: Mesh, admin: auth_pb2.RegisterResp
         assert err.value.code() == code
 
 
-async def run_cli(mesh: Mesh, *args: str) -> tuple[int, str, str]:
+async def run_cli(mesh: Mesh, *args: str) -> Finished:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LEARNMESH_")}
     env.update(
         LEARNMESH_VAR_DIR=mesh.settings.var_dir, LEARNMESH_DATABASE_URL=mesh.settings.database
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "learnmesh.cli",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_to_end(python_module("learnmesh.cli", *args), env=env)
 
 
 async def test_operator_resets_mfa_from_the_command_line(mesh: Mesh) -> None:

@@ -4,42 +4,25 @@ password reset through the Maildir, over the real mesh."""
 from __future__ import annotations
 
 import asyncio
-import time
 import urllib.parse
 
 import grpc
-import pyotp
 import pytest
 from grpc import aio
 from sqlalchemy import text
 
 from learnmesh.auth.v1 import auth_pb2
-from tests.auth_support import (
+from tests.conftest import PASSWORD, Mesh, bearer
+from tests.support.mesh import (
     audit_events,
-    error_reason,
     introspect,
     mails_to,
     new_email,
     reset_token_in,
-    violated_fields,
     wait_for_mail,
 )
-from tests.conftest import PASSWORD, Mesh, bearer
-
-STEP = 30
-
-
-async def start_of_a_quiet_step(seconds_needed: float = 6.0) -> int:
-    """The current TOTP step, after waiting for a fresh one if this one ends too soon, so
-    the codes a test computes stay inside the server's ±1-step window throughout."""
-    left = STEP - time.time() % STEP
-    if left < seconds_needed:
-        await asyncio.sleep(left + 0.05)
-    return int(time.time() // STEP)
-
-
-def code_at(secret: str, step: int) -> str:
-    return pyotp.TOTP(secret, interval=STEP).at(step * STEP)
+from tests.support.status import error_reason, violations
+from tests.support.totp import code_at, start_of_a_quiet_step
 
 
 async def login(
@@ -101,7 +84,7 @@ async def test_mfa_enrol_confirm_login_replay_disable(mesh: Mesh) -> None:
             metadata=me,
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert set(violated_fields(err.value)) == {"code"}
+    assert set(violations(err.value)) == {"code"}
     with pytest.raises(aio.AioRpcError) as err:  # two steps back: outside the window
         await mesh.auth.ConfirmMfa(
             auth_pb2.ConfirmMfaRequest(code=code_at(secret, step - 2), password=PASSWORD),
@@ -145,7 +128,7 @@ async def test_mfa_enrol_confirm_login_replay_disable(mesh: Mesh) -> None:
             auth_pb2.DisableMfaRequest(code=current, password=PASSWORD), metadata=me
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert set(violated_fields(err.value)) == {"code"}
+    assert set(violations(err.value)) == {"code"}
     await mesh.auth.DisableMfa(
         auth_pb2.DisableMfaRequest(code=code_at(secret, step + 1), password=PASSWORD), metadata=me
     )
@@ -204,7 +187,7 @@ async def test_password_reset(mesh: Mesh) -> None:
             auth_pb2.ResetPasswordRequest(token=token, new_password="yet another passphrase")
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert violated_fields(err.value) == {"token": "the reset token is invalid or has expired"}
+    assert violations(err.value) == {"token": "the reset token is invalid or has expired"}
     assert (await login(mesh, email, new_password)).user.id == registered.user.id
 
     events = [event for event, _ in await audit_events(mesh, registered.user.id)]
@@ -221,7 +204,7 @@ async def test_reset_with_an_unknown_token_changes_nothing(mesh: Mesh) -> None:
             auth_pb2.ResetPasswordRequest(token="z" * 43, new_password="hijacked password!")
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert set(violated_fields(err.value)) == {"token"}
+    assert set(violations(err.value)) == {"token"}
     assert (await login(mesh, email)).access_token
 
 

@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from learnmesh.auth.v1 import auth_pb2
-from tests.auth_support import audit_events, mails_to, new_email, wait_for_mail
 from tests.conftest import Mesh, mesh_settings, running_mesh, scratch_database
+from tests.support.mesh import audit_events, mails_to, new_email, wait_for_mail
 
 CALLS = 30
 # The paths count as alike when their medians differ by less than this, or by less than

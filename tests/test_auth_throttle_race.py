@@ -17,9 +17,10 @@ from grpc import aio
 from learnmesh.auth.v1 import auth_pb2
 from services.auth import mfa
 from services.auth.passwords import Passwords
-from tests.auth_support import error_reason, new_email, retry_delay
 from tests.conftest import PASSWORD, Mesh, bearer
-from tests.test_auth_mfa_reset import code_at, start_of_a_quiet_step
+from tests.support.mesh import new_email
+from tests.support.status import error_reason, retry_delay
+from tests.support.totp import code_at, start_of_a_quiet_step
 
 WRONG_GUESSES = 40
 

@@ -26,8 +26,9 @@ from learnmesh.auth.v1 import auth_pb2
 from learnmesh.user.v1 import user_pb2
 from services.auth import mfa
 from services.auth.keys import KeyRing, create_key
-from tests.auth_support import error_reason, introspect, new_email
 from tests.conftest import Mesh, bearer
+from tests.support.mesh import introspect, new_email, signing_key
+from tests.support.status import error_reason
 
 
 def b64url(data: bytes) -> str:
@@ -36,14 +37,6 @@ def b64url(data: bytes) -> str:
 
 def b64url_json(value: dict[str, Any]) -> str:
     return b64url(json.dumps(value, separators=(",", ":")).encode())
-
-
-def signing_key(mesh: Mesh) -> tuple[str, ec.EllipticCurvePrivateKey]:
-    """The mesh's (only) signing key, read from its key directory: (kid, key)."""
-    (pem,) = (Path(mesh.settings.var_dir) / "keys" / "jwt").glob("*.pem")
-    key = serialization.load_pem_private_key(pem.read_bytes(), password=None)
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
-    return pem.stem, key
 
 
 async def jwks(mesh: Mesh) -> jwt.PyJWKSet:

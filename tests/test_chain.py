@@ -1,9 +1,9 @@
 """The whole server chain at once, on unary and streaming RPCs, and the pieces of it that
 need a real key rotation or several backends.
 
-The chain here is the product's, link for link (learnmesh.server.server_links builds the
-same list), around test doubles of course and file services, with access tokens signed by
-a key the test controls.
+The chain here is the product's (learnmesh.server.server_links, through
+tests.support.servers.chain_links) around test doubles of course and file services, with
+access tokens signed by a key the test controls.
 """
 
 from __future__ import annotations
@@ -19,25 +19,20 @@ import grpc
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 from prometheus_client import CollectorRegistry
 
-from interceptors.auth import AccessPolicy
 from interceptors.deadline import Deadline
-from interceptors.errors import ErrorMapping
-from interceptors.identity import PeerIdentity
-from interceptors.metrics import Metrics
-from interceptors.ratelimit import MemoryBackend, RateLimit
+from interceptors.link import ServerLink
 from interceptors.request_id import RequestId
-from interceptors.tracing import Tracing
 from interceptors.validation import Validation
 from learnmesh import config
 from learnmesh.client import ClientFactory
 from learnmesh.course.v1 import course_pb2, course_pb2_grpc
 from learnmesh.file.v1 import file_pb2, file_pb2_grpc
-from learnmesh.kernel.tokens import JwksCache, TokenVerifier
-from tests.doubles import COURSE_ID, CourseDouble, FileDouble, serve
+from tests.support.doubles import COURSE_ID, CourseDouble, FileDouble
+from tests.support.servers import chain_links, serve
+from tests.support.status import violations
 
 
 class Keys:
@@ -79,28 +74,10 @@ class Keys:
         return jwt.encode(body, self.keys[kid], algorithm="ES256", headers={"kid": kid})
 
 
-def chain(keys: Keys, registry: CollectorRegistry, *, min_refetch: float = 10.0) -> list[Any]:
-    settings = config.load(env={})
-    verifier = TokenVerifier(
-        JwksCache(keys.fetch, min_refetch=min_refetch), issuer="learnmesh", audience="learnmesh"
-    )
-    return [
-        RequestId(),
-        Tracing(),
-        Metrics(registry, access_log=True),
-        ErrorMapping(),
-        Deadline(10.0, 30.0),
-        PeerIdentity("learnmesh.local", tls=False),
-        AccessPolicy(verifier, {}),
-        RateLimit(settings.limits, MemoryBackend()),
-        Validation(),
-    ]
-
-
 @pytest.fixture
 async def full() -> AsyncIterator[tuple[Keys, CollectorRegistry, str]]:
     keys, registry = Keys(), CollectorRegistry()
-    links = chain(keys, registry, min_refetch=MIN_REFETCH)
+    links = chain_links(jwks=keys.fetch, jwks_min_refetch=MIN_REFETCH, registry=registry)
     served = await serve(links, course=CourseDouble(), files=FileDouble())
     yield keys, registry, served.address
     await served.stop()
@@ -165,12 +142,7 @@ async def test_streams_pass_through_every_link(
         with pytest.raises(aio.AioRpcError) as err:  # validation of a streamed message
             await files.Upload(bad_stream(), metadata=auth(keys.token()))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        status = status_pb2.Status.FromString(
-            dict(err.value.trailing_metadata())["grpc-status-details-bin"]
-        )
-        bad = error_details_pb2.BadRequest()
-        assert any(d.Unpack(bad) for d in status.details)
-        assert [v.field for v in bad.field_violations] == ["chunk"]
+        assert list(violations(err.value)) == ["chunk"]
 
     def count(method: str, code: str) -> float:
         value = registry.get_sample_value(
@@ -241,3 +213,11 @@ async def test_round_robin_over_several_addresses() -> None:
         await clients.close()
         for s in served:
             await s.stop()
+
+
+def test_a_part_of_the_chain_keeps_the_chains_order() -> None:
+    part = chain_links(Validation, RequestId, Deadline)
+    assert [type(link) for link in part] == [RequestId, Deadline, Validation]
+    assert [type(link) for link in chain_links(Validation)] == [Validation]
+    with pytest.raises(ValueError, match="not links of the server chain"):
+        chain_links(ServerLink)

@@ -6,10 +6,8 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import grpc
@@ -17,16 +15,10 @@ import pytest
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from learnmesh import certs
+from tests.support.authority import Authority
+from tests.support.processes import Finished, ServerProcess, run_to_end, server_process
 
 LEARNMESH = [sys.executable, "-m", "learnmesh.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def env_for(var_dir: Path, **extra: str) -> dict[str, str]:
@@ -35,38 +27,21 @@ def env_for(var_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-@asynccontextmanager
-async def running(
-    args: list[str], env: dict[str, str]
-) -> AsyncIterator[tuple[asyncio.subprocess.Process, list[str]]]:
-    """Starts the command, waits for 'ready', yields it with its output so far."""
-    proc = await asyncio.create_subprocess_exec(
-        *LEARNMESH, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+# The command prints each service's address once it serves, then "ready".
+READY = re.compile(r"^ready")
+SERVICE_PORT = re.compile(r"grpcs? \((?:mTLS|PLAINTEXT)\) 127\.0\.0\.1:(\d+)")
+
+
+def running(args: list[str], env: dict[str, str]) -> AbstractAsyncContextManager[ServerProcess]:
+    """The command serving on the port it picked (0: a free one), once it says 'ready'."""
+    return server_process(
+        [*LEARNMESH, *args], env=env, ready=READY, port=SERVICE_PORT, merge_stderr=True
     )
-    lines: list[str] = []
-    try:
-        async with asyncio.timeout(60):
-            while True:
-                raw = await proc.stdout.readline()  # type: ignore[union-attr]
-                if not raw:
-                    raise AssertionError("exited before ready:\n" + "".join(lines))
-                lines.append(raw.decode())
-                if raw.startswith(b"ready"):
-                    break
-        yield proc, lines
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 def client_credentials(var_dir: Path) -> grpc.ChannelCredentials:
     """A client certificate from the mesh's dev CA, as an operator would issue one."""
-    issued = certs.issue(var_dir / "certs", "operator", "learnmesh.local", kind="client")
-    key, cert = issued.read()
-    return grpc.ssl_channel_credentials(
-        (var_dir / "certs" / "ca.pem").read_bytes(), private_key=key, certificate_chain=cert
-    )
+    return Authority(var_dir / "certs").channel_credentials("operator")
 
 
 async def http_status(port: int, path: str) -> int:
@@ -95,12 +70,11 @@ async def health_of(
 
 
 async def test_up_runs_mtls_by_default_and_stops_on_sigterm(tmp_path: Path) -> None:
-    port = free_port()
-    env = env_for(tmp_path, LEARNMESH_SERVER_PORT=str(port))
-    async with running(["up"], env) as (proc, lines):
-        banner = "".join(lines)
+    env = env_for(tmp_path, LEARNMESH_SERVER_PORT="0")
+    async with running(["up"], env) as up:
+        banner, port = "".join(up.lines), up.port
         assert "learnmesh.auth.v1.AuthService" in banner
-        assert f"mTLS) 127.0.0.1:{port}" in banner
+        assert f"mTLS) 127.0.0.1:{port}" in banner and port != 50051
         assert (tmp_path / "certs" / "ca.pem").exists()  # the dev CA, made on first start
         credentials = client_credentials(tmp_path)
         for name in ("", "learnmesh.auth.v1.AuthService", "learnmesh.user.v1.UserService"):
@@ -114,80 +88,55 @@ async def test_up_runs_mtls_by_default_and_stops_on_sigterm(tmp_path: Path) -> N
         # Probes without a certificate use the admin port: health, /healthz, /readyz, /metrics.
         admin = int(re.search(r"admin: .* plaintext 127\.0\.0\.1:(\d+)", banner).group(1))  # type: ignore[union-attr]
         assert await health_of(f"127.0.0.1:{admin}", "learnmesh.user.v1.UserService") == 1
-        probe = await asyncio.create_subprocess_exec(
-            *LEARNMESH, "health", f"127.0.0.1:{admin}", "learnmesh.auth.v1.AuthService"
-        )
-        assert await asyncio.wait_for(probe.wait(), 30) == 0
+        probe = [*LEARNMESH, "health", f"127.0.0.1:{admin}", "learnmesh.auth.v1.AuthService"]
+        assert (await run_to_end(probe)).code == 0
         for path, status in (("/healthz", 200), ("/readyz", 200), ("/metrics", 200)):
             assert await http_status(admin, path) == status
-        proc.send_signal(signal.SIGTERM)
-        out, _ = await asyncio.wait_for(proc.communicate(), 30)
-        assert proc.returncode == 0, out.decode()
-        assert "stopped" in out.decode()
+        out, _ = await up.stop(signal.SIGTERM)
+        assert up.proc.returncode == 0, out
+        assert "stopped" in out
 
 
 async def test_insecure_is_announced_and_plaintext(tmp_path: Path) -> None:
-    port = free_port()
-    args = ["serve", "user", "--port", str(port), "--insecure"]
-    async with running(args, env_for(tmp_path)) as (proc, lines):
-        banner = "".join(lines)
+    args = ["serve", "user", "--port", "0", "--insecure"]
+    async with running(args, env_for(tmp_path)) as served:
+        banner = "".join(served.lines)
         assert "WARNING: --insecure" in banner and "PLAINTEXT" in banner
-        assert await health_of(f"127.0.0.1:{port}", "learnmesh.user.v1.UserService") == 1
-        proc.send_signal(signal.SIGINT)
-        await asyncio.wait_for(proc.wait(), 30)
-        assert proc.returncode == 0
+        assert await health_of(served.address, "learnmesh.user.v1.UserService") == 1
+        await served.stop(signal.SIGINT)
+        assert served.proc.returncode == 0
 
 
 async def test_serve_one_service_per_process_and_sigint(tmp_path: Path) -> None:
-    port = free_port()
-    async with running(["serve", "user", "--port", str(port)], env_for(tmp_path)) as (proc, _):
+    async with running(["serve", "user", "--port", "0"], env_for(tmp_path)) as served:
         credentials = client_credentials(tmp_path)
         name = "learnmesh.user.v1.UserService"
-        assert await health_of(f"127.0.0.1:{port}", name, credentials) == 1
+        assert await health_of(served.address, name, credentials) == 1
         with pytest.raises(aio.AioRpcError) as err:
-            await health_of(f"127.0.0.1:{port}", "learnmesh.auth.v1.AuthService", credentials)
+            await health_of(served.address, "learnmesh.auth.v1.AuthService", credentials)
         assert err.value.code().name == "NOT_FOUND"
-        proc.send_signal(signal.SIGINT)
-        await asyncio.wait_for(proc.wait(), 30)
-        assert proc.returncode == 0
+        await served.stop(signal.SIGINT)
+        assert served.proc.returncode == 0
 
 
 async def test_bad_setting_stops_start_up_naming_the_key(tmp_path: Path) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        *LEARNMESH,
-        "up",
-        env=env_for(tmp_path, LEARNMESH_SERVER_PORT="fifty"),
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 1
-    assert "LEARNMESH_SERVER_PORT" in err.decode() and "whole number" in err.decode()
-    assert "Traceback" not in err.decode()
+    code, _, err = await learnmesh_cli("up", env=env_for(tmp_path, LEARNMESH_SERVER_PORT="fifty"))
+    assert code == 1
+    assert "LEARNMESH_SERVER_PORT" in err and "whole number" in err
+    assert "Traceback" not in err
 
 
 async def test_migrate_creates_every_services_tables(tmp_path: Path) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        *LEARNMESH, "migrate", env=env_for(tmp_path), stdout=asyncio.subprocess.PIPE
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0
-    assert "auth: migrated to head" in out.decode() and "user: migrated to head" in out.decode()
+    code, out, _ = await learnmesh_cli("migrate", env=env_for(tmp_path))
+    assert code == 0
+    assert "auth: migrated to head" in out and "user: migrated to head" in out
 
 
 # certs: names are file names and SPIFFE segments; the CA and existing pairs are kept
 
 
-async def learnmesh_cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *LEARNMESH,
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+async def learnmesh_cli(*args: str, env: dict[str, str]) -> Finished:
+    return await run_to_end([*LEARNMESH, *args], env=env)
 
 
 def files_under(directory: Path) -> dict[str, bytes]:

@@ -7,7 +7,6 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 from sqlalchemy.exc import IntegrityError
 
@@ -15,7 +14,9 @@ from interceptors.errors import ErrorMapping
 from interceptors.request_id import RequestId
 from learnmesh.course.v1 import course_pb2, course_pb2_grpc
 from learnmesh.kernel.errors import FailedPrecondition, NotFound
-from tests.doubles import COURSE_ID, CourseDouble, serve
+from tests.support.doubles import COURSE_ID, CourseDouble
+from tests.support.servers import chain_links, serve
+from tests.support.status import error_reason
 
 SECRET = "hunter2-api-key"
 
@@ -29,12 +30,8 @@ class Failing(CourseDouble):
         raise self.error
 
 
-def details_of(err: aio.AioRpcError) -> status_pb2.Status:
-    return status_pb2.Status.FromString(dict(err.trailing_metadata())["grpc-status-details-bin"])
-
-
 async def call(error: BaseException) -> aio.AioRpcError:
-    served = await serve([RequestId(), ErrorMapping()], course=Failing(error))
+    served = await serve(chain_links(RequestId, ErrorMapping), course=Failing(error))
     try:
         async with aio.insecure_channel(served.address) as channel:
             with pytest.raises(aio.AioRpcError) as caught:
@@ -71,9 +68,7 @@ async def test_domain_errors_keep_their_code_message_and_reason() -> None:
     err = await call(NotFound("no course with that id", reason="COURSE_NOT_FOUND"))
     assert err.code() == grpc.StatusCode.NOT_FOUND
     assert err.details() == "no course with that id"
-    info = error_details_pb2.ErrorInfo()
-    assert any(d.Unpack(info) for d in details_of(err).details)
-    assert info.reason == "COURSE_NOT_FOUND"
+    assert error_reason(err) == "COURSE_NOT_FOUND"
 
     err = await call(FailedPrecondition("enrol first"))
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -14,9 +14,9 @@ import grpc
 import pytest
 from grpc import aio
 
-from learnmesh import certs
 from learnmesh.user.v1 import user_pb2, user_pb2_grpc
 from tests.conftest import Mesh, mesh_settings, running_mesh
+from tests.support.authority import Authority
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +32,6 @@ async def tls_mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Me
     )
     async with running_mesh(settings) as mesh:
         yield mesh
-
-
-def credentials_from(directory: Path, name: str, kind: str = "client") -> grpc.ChannelCredentials:
-    key, cert = certs.Identity(directory / f"{name}.pem", directory / f"{name}-key.pem").read()
-    return grpc.ssl_channel_credentials(
-        (directory / "ca.pem").read_bytes(), private_key=key, certificate_chain=cert
-    )
 
 
 async def connects(address: str, credentials: grpc.ChannelCredentials | None) -> bool:
@@ -68,22 +61,17 @@ async def test_client_without_certificate_is_refused(tls_mesh: Mesh) -> None:
 
 
 async def test_certificate_from_another_ca_is_refused(tls_mesh: Mesh, tmp_path: Path) -> None:
-    ours = Path(tls_mesh.settings.var_dir) / "certs"
-    certs.init_ca(tmp_path, "learnmesh.local")  # same trust domain name, different CA
-    certs.issue(tmp_path, "auth", "learnmesh.local")
-    key, cert = certs.Identity(tmp_path / "auth.pem", tmp_path / "auth-key.pem").read()
-    foreign = grpc.ssl_channel_credentials(
-        (ours / "ca.pem").read_bytes(), private_key=key, certificate_chain=cert
-    )
+    ours = Authority(Path(tls_mesh.settings.var_dir) / "certs")
+    other = Authority(tmp_path)  # same trust domain name, different CA
+    foreign = other.channel_credentials("auth", "service", trust=ours.pem)
     assert not await connects(tls_mesh.server.address, foreign)
 
 
 async def test_issued_client_certificate_works(tls_mesh: Mesh) -> None:
-    directory = Path(tls_mesh.settings.var_dir) / "certs"
-    certs.issue(directory, "web", "learnmesh.local", kind="client")
+    ca = Authority(Path(tls_mesh.settings.var_dir) / "certs")
     with pytest.raises(aio.AioRpcError) as err:
         async with aio.secure_channel(
-            tls_mesh.server.address, credentials_from(directory, "web")
+            tls_mesh.server.address, ca.channel_credentials("web")
         ) as channel:
             await user_pb2_grpc.UserServiceStub(channel).GetMe(user_pb2.GetMeRequest(), timeout=3)
     # Through the handshake and the chain: refused only for want of an access token.
@@ -116,11 +104,12 @@ async def test_internal_method_accepts_only_allowed_identities(
 
 async def test_old_tls_versions_are_refused(tls_mesh: Mesh) -> None:
     host, port = tls_mesh.server.address.rsplit(":", 1)
-    directory = Path(tls_mesh.settings.var_dir) / "certs"
+    ca = Authority(Path(tls_mesh.settings.var_dir) / "certs")
+    tests = ca.issued("tests")  # the certificate the mesh's test channel presents
     for version, accepted in ((ssl.TLSVersion.TLSv1_1, False), (ssl.TLSVersion.TLSv1_2, True)):
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.load_verify_locations(directory / "ca.pem")
-        context.load_cert_chain(directory / "tests.pem", directory / "tests-key.pem")
+        context.load_verify_locations(ca.ca_file)
+        context.load_cert_chain(tests.cert, tests.key)
         context.set_alpn_protocols(["h2"])
         try:
             with warnings.catch_warnings():

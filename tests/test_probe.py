@@ -1,15 +1,13 @@
 """`learnmesh health` as operators run it: a real process against real servers.
 
 Exit codes as grpc_health_probe's: 0 serving, 1 bad arguments, 2 connection failure,
-3 RPC failure, 4 not serving. TLS cases use a throwaway CA made here.
+3 RPC failure, 4 not serving. TLS cases use the tests' CA (tests.support.authority).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import ipaddress
 import socket
 import sys
 from collections.abc import AsyncIterator
@@ -17,19 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from learnmesh import probe
 from learnmesh.admin import start_admin
 from learnmesh.course.v1 import course_pb2_grpc
-from tests.doubles import CourseDouble
+from tests.support.authority import Authority
+from tests.support.doubles import CourseDouble
+from tests.support.processes import Finished, run_to_end
 
 PROBE = [sys.executable, "-m", "learnmesh.probe"]
 COURSE = "learnmesh.course.v1.CourseService"
@@ -38,98 +33,8 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-@dataclass
-class Outcome:
-    code: int
-    out: str
-    err: str
-
-
-async def run_probe(*args: str) -> Outcome:
-    proc = await asyncio.create_subprocess_exec(
-        *PROBE, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return Outcome(proc.returncode, out.decode(), err.decode())
-
-
-# Certificates
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def _builder(subject: x509.Name, issuer: x509.Name, key: Any) -> x509.CertificateBuilder:
-    now = datetime.datetime.now(datetime.UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-    )
-
-
-@dataclass
-class Authority:
-    """A throwaway CA that issues leaf certificates (PEM bytes)."""
-
-    key: ec.EllipticCurvePrivateKey
-    cert: x509.Certificate
-
-    @classmethod
-    def create(cls, name: str) -> Authority:
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            _builder(_name(name), _name(name), key)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .sign(key, hashes.SHA256())
-        )
-        return cls(key, cert)
-
-    @property
-    def pem(self) -> bytes:
-        return self.cert.public_bytes(serialization.Encoding.PEM)
-
-    def issue(
-        self, name: str, sans: list[x509.GeneralName], usage: x509.ObjectIdentifier
-    ) -> tuple[bytes, bytes]:
-        """(private key PEM, certificate PEM)."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            _builder(_name(name), self.cert.subject, key)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .sign(self.key, hashes.SHA256())
-        )
-        return _key_pem(key), cert.public_bytes(serialization.Encoding.PEM)
+async def run_probe(*args: str) -> Finished:
+    return await run_to_end([*PROBE, *args])
 
 
 @dataclass
@@ -171,32 +76,16 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 async def servers(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Servers]:
     tmp: Path = tmp_path_factory.mktemp("probe-certs")
-    ca = Authority.create("learnmesh test CA")
-    server_key, server_cert = ca.issue(
-        "server",
-        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
-        ExtendedKeyUsageOID.SERVER_AUTH,
-    )
-    client_key, client_cert = ca.issue(
-        "probe",
-        [x509.UniformResourceIdentifier("spiffe://learnmesh.local/service/probe")],
-        ExtendedKeyUsageOID.CLIENT_AUTH,
-    )
-    foreign_key, foreign_cert = Authority.create("another CA").issue(
-        "probe",
-        [x509.UniformResourceIdentifier("spiffe://learnmesh.local/service/probe")],
-        ExtendedKeyUsageOID.CLIENT_AUTH,
-    )
-    paths = {}
-    for name, pem in {
-        "ca": ca.pem,
-        "cert": client_cert,
-        "key": client_key,
-        "foreign_cert": foreign_cert,
-        "foreign_key": foreign_key,
-    }.items():
-        (tmp / f"{name}.pem").write_bytes(pem)
-        paths[name] = str(tmp / f"{name}.pem")
+    ca = Authority(tmp / "ours")
+    client = ca.issue("probe", kind="client")
+    foreign = Authority(tmp / "another").issue("probe", kind="client")
+    paths = {
+        "ca": str(ca.ca_file),
+        "cert": str(client.cert),
+        "key": str(client.key),
+        "foreign_cert": str(foreign.cert),
+        "foreign_key": str(foreign.key),
+    }
 
     servicer = health.aio.HealthServicer()
     await servicer.set(COURSE, SERVING)
@@ -215,12 +104,7 @@ async def servers(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Ser
 
     mtls = aio.server()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, mtls)
-    mtls_port = mtls.add_secure_port(
-        "127.0.0.1:0",
-        grpc.ssl_server_credentials(
-            [(server_key, server_cert)], root_certificates=ca.pem, require_client_auth=True
-        ),
-    )
+    mtls_port = mtls.add_secure_port("127.0.0.1:0", ca.server_credentials("server"))
 
     async def say_nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -20,14 +19,16 @@ import pytest
 from grpc import aio
 from prometheus_client import REGISTRY
 
-from interceptors.chain import ServerChain
 from interceptors.deadline import Deadline
 from interceptors.errors import ErrorMapping
+from interceptors.link import ServerLink
 from interceptors.request_id import RequestId
 from learnmesh import config
 from learnmesh.client import ClientFactory
 from learnmesh.course.v1 import course_pb2, course_pb2_grpc
-from tests.doubles import COURSE_ID, CourseDouble, Served, serve
+from tests.support.doubles import COURSE_ID, CourseDouble
+from tests.support.processes import ServerProcess, python_module, server_process
+from tests.support.servers import Served, chain_links, serve
 
 GET = course_pb2.GetCourseRequest(course_id=COURSE_ID)
 CREATE = course_pb2.CreateCourseRequest(
@@ -51,27 +52,24 @@ class RelayA(course_pb2_grpc.CourseServiceServicer):
         return await self.clients.stub("course").GetCourse(request)
 
 
+def deadline_links(default: float = 10.0, cap: float = 30.0) -> list[ServerLink]:
+    """The product chain's request id, error mapping and deadline links, with these
+    deadline settings."""
+    base = config.load(env={})
+    settings = replace(base, deadlines=replace(base.deadlines, default=default, cap=cap))
+    return chain_links(RequestId, ErrorMapping, Deadline, settings=settings)
+
+
 async def start_a_served(clients: ClientFactory, **kw: float) -> Served:
-    links = [RequestId(), ErrorMapping(), Deadline(kw.get("default", 10.0), kw.get("cap", 30.0))]
-    server = aio.server()
-    course_pb2_grpc.add_CourseServiceServicer_to_server(
-        RelayA(clients), ServerChain(links).applied_to(server)
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return Served(server, port)
+    return await serve(deadline_links(**kw), course=RelayA(clients))
 
 
 @pytest.fixture
-async def b_process() -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
-    """B in another process, slow (5 s per call)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.double_server", "--delay", "5", stdout=asyncio.subprocess.PIPE
-    )
-    line = await asyncio.wait_for(proc.stdout.readline(), 30)  # type: ignore[union-attr]
-    yield f"127.0.0.1:{int(line.split()[1])}", proc
-    proc.kill()
-    await proc.wait()
+async def b_process() -> AsyncIterator[ServerProcess]:
+    """B in another process, slow (5 s per call); killed (SIGKILL) afterwards."""
+    command = python_module("tests.support.double_process", "--delay", "5")
+    async with server_process(command) as b:
+        yield b
 
 
 async def b_stats(address: str) -> dict[str, Any]:
@@ -84,9 +82,9 @@ async def b_stats(address: str) -> dict[str, Any]:
 
 
 async def test_b_sees_the_reduced_deadline_and_is_cancelled_when_it_passes(
-    b_process: tuple[str, asyncio.subprocess.Process],
+    b_process: ServerProcess,
 ) -> None:
-    b_address, _ = b_process
+    b_address = b_process.address
     clients = factory_for(b_address)
     a = await start_a_served(clients)
     try:
@@ -142,8 +140,7 @@ class Blocking(course_pb2_grpc.CourseServiceServicer):
 
 async def test_an_answer_made_after_the_deadline_is_deadline_exceeded() -> None:
     """Timers fire late: the deadline decides, not which side of the race they land on."""
-    links = [ErrorMapping(), Deadline(0.05, 30.0)]
-    served = await serve(links, course=Blocking())
+    served = await serve(deadline_links(default=0.05), course=Blocking())
     try:
         async with aio.insecure_channel(served.address) as channel:
             stub = course_pb2_grpc.CourseServiceStub(channel)

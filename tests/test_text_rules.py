@@ -17,7 +17,6 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import descriptor_pool, field_mask_pb2
-from google.rpc import error_details_pb2
 
 from buf.validate import validate_pb2
 from interceptors.errors import STATUS_DETAILS_KEY
@@ -26,7 +25,7 @@ from learnmesh.auth.v1 import auth_pb2
 from learnmesh.common.v1 import text_pb2
 from learnmesh.user.v1 import user_pb2
 from tests.conftest import PASSWORD, Mesh, bearer
-from tests.test_user import refused, status_details, violations
+from tests.support.status import all_violations, refused, violations
 
 NUL = "\x00"
 BAD_LINE = {
@@ -275,16 +274,6 @@ async def test_list_users_matches_the_normalised_text(
 
 
 # --- update masks --------------------------------------------------------------------------
-
-
-def all_violations(err: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
-    found = []
-    for detail in status_details(err).details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):  # type: ignore[arg-type]  # stubs: DESCRIPTOR wider than Is takes
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            found += [(v.field, v.description) for v in bad.field_violations]
-    return found
 
 
 def details_size(err: grpc.aio.AioRpcError) -> int:

@@ -13,8 +13,6 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
-from google.rpc import error_details_pb2, status_pb2
-from grpc import aio
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
@@ -22,6 +20,8 @@ from learnmesh.auth.v1 import auth_pb2
 from learnmesh.common.v1 import common_pb2
 from learnmesh.user.v1 import user_pb2
 from tests.conftest import ADMIN_EMAIL, Mesh, bearer
+from tests.support.mesh import audit_rows, new_email
+from tests.support.status import error_reason, refused, violations
 
 IN_APP = common_pb2.NOTIFICATION_CHANNEL_IN_APP
 EMAIL = common_pb2.NOTIFICATION_CHANNEL_EMAIL
@@ -29,57 +29,6 @@ WEBHOOK = common_pb2.NOTIFICATION_CHANNEL_WEBHOOK
 
 
 # --- helpers -------------------------------------------------------------------------------
-
-
-def status_details(err: aio.AioRpcError) -> status_pb2.Status:
-    for key, value in err.trailing_metadata() or ():
-        if key == "grpc-status-details-bin":
-            assert isinstance(value, bytes)  # a -bin key's value
-            return status_pb2.Status.FromString(value)
-    raise AssertionError(f"no grpc-status-details-bin in the trailers of {err.code()}")
-
-
-def violations(err: aio.AioRpcError) -> dict[str, str]:
-    """field -> description of the google.rpc.BadRequest detail (last wins per field)."""
-    found: dict[str, str] = {}
-    for detail in status_details(err).details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):  # type: ignore[arg-type]  # stubs: DESCRIPTOR wider than Is takes
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            found.update({v.field: v.description for v in bad.field_violations})
-    return found
-
-
-def error_reason(err: aio.AioRpcError) -> str:
-    for detail in status_details(err).details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):  # type: ignore[arg-type]  # stubs: DESCRIPTOR wider than Is takes
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info.reason
-    return ""
-
-
-async def refused(call: Any, code: grpc.StatusCode) -> aio.AioRpcError:
-    """Awaits ``call`` and returns its error, failing unless it ended with ``code``."""
-    with pytest.raises(aio.AioRpcError) as caught:
-        await call
-    assert caught.value.code() == code, (caught.value.code(), caught.value.details())
-    return caught.value
-
-
-def new_email(tag: str = "user") -> str:
-    return f"{tag}-{uuid.uuid4().hex[:10]}@example.com"
-
-
-async def audit_rows(mesh: Mesh, subject: str, event: str | None = None) -> list[Any]:
-    query = "SELECT event, subject, actor, client_address, request_id, details FROM user_audit "
-    query += "WHERE subject = :subject"
-    params = {"subject": subject}
-    if event:
-        query += " AND event = :event"
-        params["event"] = event
-    async with mesh.runtime.db.engine.connect() as conn:
-        return list((await conn.execute(text(query + " ORDER BY at"), params)).all())
 
 
 async def exists(mesh: Mesh, user_id: str) -> bool:

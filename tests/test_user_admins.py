@@ -21,9 +21,10 @@ from learnmesh import cli, config
 from learnmesh.auth.v1 import auth_pb2
 from learnmesh.user.v1 import user_pb2
 from services.user.profiles import ROLES
-from tests.auth_support import introspect
 from tests.conftest import PASSWORD, Mesh, bearer
-from tests.test_user import audit_rows, error_reason, new_email
+from tests.support.mesh import audit_rows, introspect, new_email
+from tests.support.processes import Finished, run_to_end
+from tests.support.status import error_reason
 
 LEARNMESH = [sys.executable, "-m", "learnmesh.cli"]
 ROUNDS = 5
@@ -39,17 +40,8 @@ def command_env(mesh: Mesh) -> dict[str, str]:
     return env
 
 
-async def run_command(mesh: Mesh, *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *LEARNMESH,
-        *args,
-        env=command_env(mesh),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+async def run_command(mesh: Mesh, *args: str) -> Finished:
+    return await run_to_end([*LEARNMESH, *args], env=command_env(mesh))
 
 
 def config_file(mesh: Mesh, tmp_path: Path) -> str:
@@ -208,21 +200,11 @@ async def test_promote_will_not_demote_the_last_admin(mesh: Mesh, tmp_path: Path
 async def test_promote_without_the_user_tables_says_what_to_do(tmp_path: Path) -> None:
     path = tmp_path / "empty.toml"
     path.write_text(f'var_dir = "{tmp_path}"\ndatabase_url = "sqlite:///{tmp_path / "empty.db"}"\n')
-    proc = await asyncio.create_subprocess_exec(
-        *LEARNMESH,
-        "--config",
-        str(path),
-        "users",
-        "promote",
-        "a@b.example",
-        "--role",
-        "admin",
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 1
-    assert "learnmesh migrate user" in err.decode()
-    assert "Traceback" not in err.decode() and "SELECT" not in err.decode()
+    promote = ["--config", str(path), "users", "promote", "a@b.example", "--role", "admin"]
+    code, _, err = await run_to_end([*LEARNMESH, *promote])
+    assert code == 1
+    assert "learnmesh migrate user" in err
+    assert "Traceback" not in err and "SELECT" not in err
 
 
 # --- the last admin under concurrency ------------------------------------------------------

@@ -23,6 +23,7 @@ from interceptors.request_id import RequestId
 from interceptors.validation import Validation
 from learnmesh.file.v1 import file_pb2
 from tests.conftest import Mesh, mesh_settings, running_mesh, scratch_database
+from tests.support.servers import chain_links
 
 V1 = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
 V1ALPHA = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
@@ -201,7 +202,7 @@ BIDI = [_sync_bidi, _async_bidi]
 
 async def _served(handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]) -> tuple[Any, int]:
     server = aio.server()
-    chained = ServerChain([RequestId(), ErrorMapping(), Validation()]).applied_to(server)
+    chained = ServerChain(chain_links(RequestId, ErrorMapping, Validation)).applied_to(server)
     chained.add_generic_rpc_handlers(
         [grpc.method_handlers_generic_handler("learnmesh.file.v1.FileService", handlers)]
     )

@@ -1,4 +1,5 @@
-"""Helpers shared by the auth tests: reading rich error details, the audit trail, mail."""
+"""What tests read and make on a running mesh (tests.conftest.Mesh): new accounts' emails,
+token introspection, the signing key, audit rows, row counts and the mail in its Maildir."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from google.rpc import error_details_pb2, status_pb2
-from grpc import aio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import text
 
 from learnmesh.auth.v1 import auth_pb2
@@ -30,46 +31,35 @@ def new_email(tag: str = "user") -> str:
     return f"{tag}-{uuid.uuid4().hex[:10]}@example.com"
 
 
-def status_of(err: aio.AioRpcError) -> status_pb2.Status:
-    """The google.rpc.Status the server put in ``grpc-status-details-bin``."""
-    for key, value in err.trailing_metadata() or ():
-        if key == "grpc-status-details-bin":
-            assert isinstance(value, bytes)  # a -bin key's value
-            return status_pb2.Status.FromString(value)
-    raise AssertionError(f"no status details in {err!r}")
-
-
-def _detail(err: aio.AioRpcError, kind: type[Any]) -> Any:
-    for packed in status_of(err).details:
-        message = kind()
-        if packed.Unpack(message):
-            return message
-    raise AssertionError(f"no {kind.__name__} detail in {err!r}")
-
-
-def error_reason(err: aio.AioRpcError) -> str:
-    info: error_details_pb2.ErrorInfo = _detail(err, error_details_pb2.ErrorInfo)
-    return info.reason
-
-
-def violated_fields(err: aio.AioRpcError) -> dict[str, str]:
-    bad: error_details_pb2.BadRequest = _detail(err, error_details_pb2.BadRequest)
-    return {v.field: v.description for v in bad.field_violations}
-
-
-def retry_delay(err: aio.AioRpcError) -> float:
-    info: error_details_pb2.RetryInfo = _detail(err, error_details_pb2.RetryInfo)
-    return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+def signing_key(mesh: Mesh) -> tuple[str, ec.EllipticCurvePrivateKey]:
+    """The mesh's (only) signing key, read from its key directory: (kid, key)."""
+    (pem,) = (Path(mesh.settings.var_dir) / "keys" / "jwt").glob("*.pem")
+    key = serialization.load_pem_private_key(pem.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return pem.stem, key
 
 
 async def audit_events(mesh: Mesh, subject: str) -> list[tuple[str, dict[str, Any]]]:
-    """(event, details) of the subject's audit rows, oldest first."""
+    """(event, details) of the auth service's audit rows of ``subject``, oldest first."""
     async with mesh.runtime.db.transaction() as session:
         rows = await session.execute(
             text("SELECT event, details FROM auth_audit WHERE subject = :s ORDER BY at, id"),
             {"s": subject},
         )
         return [(event, json.loads(details)) for event, details in rows.all()]
+
+
+async def audit_rows(mesh: Mesh, subject: str, event: str | None = None) -> list[Any]:
+    """The user service's audit rows of ``subject`` (of ``event`` only, when given), oldest
+    first."""
+    query = "SELECT event, subject, actor, client_address, request_id, details FROM user_audit "
+    query += "WHERE subject = :subject"
+    params = {"subject": subject}
+    if event:
+        query += " AND event = :event"
+        params["event"] = event
+    async with mesh.runtime.db.engine.connect() as conn:
+        return list((await conn.execute(text(query + " ORDER BY at"), params)).all())
 
 
 async def count_rows(mesh: Mesh, table: str) -> int:
