@@ -10,22 +10,25 @@ from typing import Any
 import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from sqlalchemy import MetaData
 
 from interceptors.auth import AccessPolicy
 from interceptors.chain import ServerChain, ServerLink
 from interceptors.deadline import Deadline
 from interceptors.errors import ErrorMapping
-from interceptors.identity import PeerIdentity
+from interceptors.identity import PeerIdentity, mesh_service_prefix
 from interceptors.metrics import Metrics
 from interceptors.ratelimit import RateLimit, backend_for
 from interceptors.request_id import RequestId
 from interceptors.tracing import Tracing
 from interceptors.validation import Validation
 from learnmesh import reflection, tls
+from learnmesh.audit import RefusalTrail, audit_table
 from learnmesh.auth.v1 import auth_pb2
 from learnmesh.client import ClientFactory
 from learnmesh.config import Settings
 from learnmesh.db import Database
+from learnmesh.kernel.refusals import RefusalHook
 from learnmesh.kernel.tokens import JwksCache, TokenVerifier
 from learnmesh.service import Runtime, ServiceDefinition
 
@@ -62,10 +65,30 @@ def jwks_fetcher(runtime: Runtime) -> Any:
     return fetch
 
 
+def refusal_trail(runtime: Runtime, definitions: Sequence[ServiceDefinition]) -> RefusalTrail:
+    """Where the chain's refusals go: the audit table of the service owning the refused
+    method, in that service's database (one process's services share ``runtime.db``)."""
+    tables = {
+        d.full_name: audit_table(d.audit_table, MetaData()) for d in definitions if d.audit_table
+    }
+    auth = runtime.settings.auth
+    return RefusalTrail(
+        runtime.db,
+        tables,
+        window=auth.refusal_audit_window,
+        capacity=auth.refusal_audit_capacity,
+    )
+
+
 def server_links(
-    runtime: Runtime, owner_resolvers: dict[str, Any], *, tls: bool
+    runtime: Runtime,
+    owner_resolvers: dict[str, Any],
+    *,
+    tls: bool,
+    on_refusal: RefusalHook | None = None,
 ) -> list[ServerLink]:
-    """The server chain, outermost first (ARCHITECTURE.md, "Call path")."""
+    """The server chain, outermost first (ARCHITECTURE.md, "Call path"); ``on_refusal``
+    hears of every call the identity and auth links refuse."""
     settings = runtime.settings
     verifier = TokenVerifier(
         JwksCache(jwks_fetcher(runtime)),
@@ -73,13 +96,19 @@ def server_links(
         audience=settings.auth.audience,
     )
     return [
-        RequestId(),
+        # Only mesh services may forward their end user's address (none without mTLS).
+        RequestId(mesh_service_prefix(settings.tls.trust_domain) if tls else ""),
         Tracing(sdk_spans=settings.telemetry.sdk_spans),
         Metrics(access_log=settings.telemetry.access_log),
         ErrorMapping(),
         Deadline(settings.deadlines.default, settings.deadlines.cap, settings.method_deadlines),
-        PeerIdentity(settings.tls.trust_domain, tls=tls, extra_callers=settings.tls.callers),
-        AccessPolicy(verifier, owner_resolvers),
+        PeerIdentity(
+            settings.tls.trust_domain,
+            tls=tls,
+            extra_callers=settings.tls.callers,
+            on_refusal=on_refusal,
+        ),
+        AccessPolicy(verifier, owner_resolvers, on_refusal=on_refusal),
         RateLimit(settings.limits, backend_for(settings.redis_url, settings.limits.redis_prefix)),
         Validation(),
     ]
@@ -96,6 +125,7 @@ class MeshServer:
     services: list[ServiceDefinition]
     servicers: dict[str, Any] = field(default_factory=dict)
     links: list[ServerLink] = field(default_factory=list)
+    refusals: RefusalTrail | None = None
 
     @property
     def address(self) -> str:
@@ -104,6 +134,8 @@ class MeshServer:
     async def stop(self, grace: float | None = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.refusals is not None:
+            await self.refusals.aclose()  # before the runtime closes the database
         for part in [*self.servicers.values(), *self.links]:
             close = getattr(part, "aclose", None)
             if close is not None:
@@ -126,7 +158,10 @@ async def start_server(
             await runtime.db.migrate(definition.name, definition.migrations)
     # Filled below, once the servicers exist; the access link reads it at call time.
     resolvers: dict[str, Any] = {}
-    links = server_links(runtime, resolvers, tls=credentials is not None)
+    refusals = refusal_trail(runtime, definitions)
+    links = server_links(
+        runtime, resolvers, tls=credentials is not None, on_refusal=refusals.record
+    )
     server = aio.server(
         options=[
             ("grpc.so_reuseport", 1 if reuse_port else 0),
@@ -158,10 +193,13 @@ async def start_server(
     names = [d.full_name for d in definitions]
     reflection.enable([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name], chained)
     await server.start()
+    refusals.start()
     for link in links:
         start = getattr(link, "start", None)
         if start is not None:
             start()  # e.g. the auth link fetching the signing keys before the first call
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return MeshServer(server, health_servicer, bound, host, list(definitions), servicers, links)
+    return MeshServer(
+        server, health_servicer, bound, host, list(definitions), servicers, links, refusals
+    )
