@@ -66,11 +66,7 @@ class PeerIdentity(ServerLink):
 
         def refused(reason: str) -> None:
             if hook is not None:
-                hook(
-                    Refusal(
-                        PEER_DENIED, method.full_method, reason, principal.call_info(), "", required
-                    )
-                )
+                hook(Refusal(PEER_DENIED, full_method, reason, principal.call_info(), "", required))
 
         def check(_request: Any, context: aio.ServicerContext[Any, Any]) -> None:
             identity = spiffe_of(context)
