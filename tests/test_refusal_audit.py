@@ -112,9 +112,7 @@ async def test_bad_tokens_each_leave_one_row_with_the_reason_never_the_token(
     for reason, header in cases.items():
         calls[reason] = request = rid(reason)
         await refused(
-            mesh.user.GetMe(
-                user_pb2.GetMeRequest(), metadata=(("authorization", header), request)
-            ),
+            mesh.user.GetMe(user_pb2.GetMeRequest(), metadata=(("authorization", header), request)),
             grpc.StatusCode.UNAUTHENTICATED,
         )
     for reason, request in calls.items():
@@ -187,7 +185,9 @@ async def test_certificates_not_allowed_on_internal_methods_are_recorded(mesh: M
         (mesh.user_as("course"), f"spiffe://{domain}/service/course"),  # not among callers
     ):
         request = rid("peer")
-        await refused(stub.CreateUser(create, metadata=(request,)), grpc.StatusCode.PERMISSION_DENIED)
+        await refused(
+            stub.CreateUser(create, metadata=(request,)), grpc.StatusCode.PERMISSION_DENIED
+        )
         (row,) = await rows_of(mesh, "user_audit", request)
         assert (row["event"], row["subject"], row["client_address"]) == (
             "peer.denied",
@@ -250,9 +250,7 @@ async def test_a_flood_of_forged_tokens_is_refused_and_leaves_few_rows_with_coun
 
 
 def dropped(event: str) -> float:
-    value = REGISTRY.get_sample_value(
-        "learnmesh_audit_refusals_dropped_total", {"event": event}
-    )
+    value = REGISTRY.get_sample_value("learnmesh_audit_refusals_dropped_total", {"event": event})
     return value or 0.0
 
 
@@ -276,7 +274,9 @@ async def test_the_trail_keeps_at_most_capacity_rows_and_counts_what_it_drops(
     trail.record(forged_refusal(1))  # a repeat of a waiting one still counts
     await trail.flush()
     async with db.transaction() as session:
-        found = (await session.execute(text("SELECT client_address, details FROM user_audit"))).all()
+        found = (
+            await session.execute(text("SELECT client_address, details FROM user_audit"))
+        ).all()
     counts = {address: json.loads(details)["count"] for address, details in found}
     assert counts == {"192.0.2.0": 1, "192.0.2.1": 2, "192.0.2.2": 1}
     assert dropped(TOKEN_REJECTED) - before == 7
