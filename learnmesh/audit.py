@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("learnmesh.audit")
 
+CLOSE_TIMEOUT = 5.0  # seconds a stop waits for the last refusal rows
+
 REFUSALS_DROPPED = Counter(
     "learnmesh_audit_refusals_dropped",
     "Refused calls the audit trail did not store: no room in the window, or the write failed",
@@ -157,6 +159,7 @@ class RefusalTrail:
         self._pending: dict[tuple[str, ...], _Repeats] = {}
         self._dropped: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()
 
     def record(self, refusal: Refusal) -> None:
         """Counts ``refusal`` for the next write; returns at once and never raises."""
@@ -189,18 +192,25 @@ class RefusalTrail:
             )
 
     async def aclose(self) -> None:
-        """Stops the task and writes what is still waiting."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        await self.flush()
+        """Writes what is still waiting and stops (giving up after ``CLOSE_TIMEOUT``
+        seconds, so an unreachable database cannot hold up a stop)."""
+        self._closing.set()
+        task, self._task = self._task, None
+        try:
+            await asyncio.wait_for(task if task is not None else self.flush(), CLOSE_TIMEOUT)
+        except TimeoutError:
+            log.warning("gave up writing the last refused calls to the audit trail")
 
     async def _write_every_window(self) -> None:
         while True:
-            await asyncio.sleep(self.window)
-            await self.flush()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self.window)
+            try:
+                await self.flush()
+            except Exception:  # the next window still gets written
+                log.exception("could not write refused calls to the audit trail")
+            if self._closing.is_set():
+                return
 
     async def flush(self) -> None:
         """Writes the refusals counted so far (one transaction per table)."""

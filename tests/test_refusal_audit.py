@@ -290,3 +290,19 @@ async def test_the_trail_keeps_at_most_capacity_rows_and_counts_what_it_drops(
     assert dropped(TOKEN_REJECTED) - before == 8
     assert trail._pending == {}
     await trail.db.dispose()
+
+
+async def test_an_orderly_stop_writes_the_waiting_refusals(tmp_path: Path) -> None:
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'stop.db'}")
+    table = audit_table("user_audit", MetaData())
+    async with db.engine.begin() as conn:
+        await conn.run_sync(table.metadata.create_all)
+    trail = RefusalTrail(db, {"learnmesh.user.v1.UserService": table}, window=60)
+    trail.start()
+    trail.record(forged_refusal(7))
+    await trail.aclose()  # long before the window ends
+    async with db.transaction() as session:
+        query = text("SELECT client_address, request_id, call_id FROM user_audit")
+        found = (await session.execute(query)).all()
+    assert [tuple(r) for r in found] == [("192.0.2.7", "req-7", f"{7:032x}")]
+    await db.dispose()
