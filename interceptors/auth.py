@@ -86,19 +86,15 @@ class AccessPolicy(ServerLink):
             if hook is not None:
                 hook(Refusal(event, full_method, reason, principal.call_info(), subject, required))
 
-        async def verified(token: str) -> principal.Principal:
-            try:
-                return await verifier.verify(token)
-            except TokenRejected as exc:
-                if exc.why != "expired":
-                    refused(TOKEN_REJECTED, exc.why)
-                raise
+        def rejected(exc: TokenRejected) -> None:
+            if exc.why != "expired":  # an expired token is ordinary: its holder refreshes
+                refused(TOKEN_REJECTED, exc.why)
 
         async def check(request: Any, context: aio.ServicerContext[Any, Any]) -> None:
             try:
                 token = bearer_token(call_metadata(context))
             except TokenRejected as exc:
-                refused(TOKEN_REJECTED, exc.why)
+                rejected(exc)
                 raise
             if access == access_pb2.ACCESS_INTERNAL:
                 if token is not None:
@@ -109,8 +105,9 @@ class AccessPolicy(ServerLink):
                 if token is not None:
                     # A signed-in caller of a public method is still known, when the token is good.
                     try:
-                        principal.set_principal(await verified(token))
-                    except Unauthenticated:
+                        principal.set_principal(await verifier.verify(token))
+                    except TokenRejected as exc:
+                        rejected(exc)
                         principal.set_principal(None)
                 return
             if access == access_pb2.ACCESS_UNSPECIFIED:
@@ -118,7 +115,11 @@ class AccessPolicy(ServerLink):
                 raise PermissionDenied(f"{method.name} declares no access policy")
             if token is None:
                 raise Unauthenticated(f"{method.name} needs an access token")
-            caller = await verified(token)
+            try:
+                caller = await verifier.verify(token)
+            except TokenRejected as exc:  # not a coroutine around verify: this is every call
+                rejected(exc)
+                raise
             principal.set_principal(caller)
             if access == access_pb2.ACCESS_ROLE:
                 if not caller.roles.intersection(policy.roles):
