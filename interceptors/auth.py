@@ -5,8 +5,14 @@ service's JWKS (pinned ES256, ``iss``, ``aud``, expiry, a known ``kid``), then c
 method's policy: public, any user, owner (or admin), a role, or internal. Handlers read the
 caller from ``learnmesh.kernel.principal``; none checks its caller by hand.
 
-Until mTLS identities arrive, ``internal`` methods refuse any call carrying an end-user
-token (the mesh listens on loopback unless configured otherwise).
+``internal`` methods refuse any call carrying an end-user token (the peer identity link
+checks which mesh service calls them).
+
+Refusals go to the ``on_refusal`` hook (``learnmesh.kernel.refusals``) for the audit trail:
+a bad token (``auth.token_rejected``, also on a public method, where the call goes on
+without it) and a verified caller or token refused by the policy
+(``auth.permission_denied``). A missing token and an expired one are ordinary, not
+recorded (as at IntrospectToken).
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from interceptors.requests import refuse_undecodable
 from learnmesh.common.v1 import access_pb2
 from learnmesh.kernel import principal
 from learnmesh.kernel.errors import PermissionDenied, Unauthenticated
-from learnmesh.kernel.tokens import TokenVerifier
+from learnmesh.kernel.refusals import PERMISSION_DENIED, TOKEN_REJECTED, Refusal, RefusalHook
+from learnmesh.kernel.tokens import TokenRejected, TokenVerifier
 
 log = logging.getLogger("learnmesh.auth")
 
@@ -38,7 +45,9 @@ def bearer_token(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
         if key == "authorization":
             scheme, _, token = str(value).partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
-                raise Unauthenticated("authorization metadata must be 'Bearer <access token>'")
+                raise TokenRejected(
+                    "authorization metadata must be 'Bearer <access token>'", "malformed_header"
+                )
             return token.strip()
     return None
 
@@ -50,10 +59,13 @@ class AccessPolicy(ServerLink):
         self,
         verifier: TokenVerifier,
         owner_resolvers: Mapping[str, OwnerResolver] | None = None,
+        *,
+        on_refusal: RefusalHook | None = None,
     ) -> None:
         self.verifier = verifier
         # Kept by reference: the runtime fills it once the servicers exist.
         self.owner_resolvers = owner_resolvers if owner_resolvers is not None else {}
+        self.on_refusal = on_refusal
 
     def start(self) -> None:
         """Fetches the signing keys now and keeps them fresh (the server starts it)."""
@@ -67,11 +79,27 @@ class AccessPolicy(ServerLink):
         access = policy.access
         resolver = self.owner_resolvers.get(method.full_method)
         verifier = self.verifier
+        hook = self.on_refusal
+        full_method = method.full_method
+        needs_role = "role:" + ",".join(policy.roles)
+
+        def refused(event: str, reason: str, subject: str = "", required: str = "") -> None:
+            if hook is not None:
+                hook(Refusal(event, full_method, reason, principal.call_info(), subject, required))
+
+        def rejected(exc: TokenRejected) -> None:
+            if exc.why != "expired":  # an expired token is ordinary: its holder refreshes
+                refused(TOKEN_REJECTED, exc.why)
 
         async def check(request: Any, context: aio.ServicerContext[Any, Any]) -> None:
-            token = bearer_token(call_metadata(context))
+            try:
+                token = bearer_token(call_metadata(context))
+            except TokenRejected as exc:
+                rejected(exc)
+                raise
             if access == access_pb2.ACCESS_INTERNAL:
                 if token is not None:
+                    refused(PERMISSION_DENIED, "end_user_token", required="internal")
                     raise PermissionDenied(f"{method.name} is for mesh services, not end users")
                 return
             if access == access_pb2.ACCESS_PUBLIC:
@@ -79,23 +107,31 @@ class AccessPolicy(ServerLink):
                     # A signed-in caller of a public method is still known, when the token is good.
                     try:
                         principal.set_principal(await verifier.verify(token))
-                    except Unauthenticated:
+                    except TokenRejected as exc:
+                        rejected(exc)
                         principal.set_principal(None)
                 return
             if access == access_pb2.ACCESS_UNSPECIFIED:
+                refused(PERMISSION_DENIED, "no_policy")
                 raise PermissionDenied(f"{method.name} declares no access policy")
             if token is None:
                 raise Unauthenticated(f"{method.name} needs an access token")
-            caller = await verifier.verify(token)
+            try:
+                caller = await verifier.verify(token)
+            except TokenRejected as exc:  # not a coroutine around verify: this is every call
+                rejected(exc)
+                raise
             principal.set_principal(caller)
             if access == access_pb2.ACCESS_ROLE:
                 if not caller.roles.intersection(policy.roles):
+                    refused(PERMISSION_DENIED, "role", caller.user_id, needs_role)
                     raise PermissionDenied(
                         f"{method.name} needs the role {' or '.join(policy.roles)}"
                     )
             elif access == access_pb2.ACCESS_OWNER and not caller.is_admin:
                 owner = await self._owner(method, resolver, request)
                 if owner != caller.user_id:
+                    refused(PERMISSION_DENIED, "not_owner", caller.user_id, "owner")
                     raise PermissionDenied(
                         f"{method.name} is allowed only to the owner or an admin"
                     )

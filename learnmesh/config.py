@@ -242,6 +242,12 @@ class AuthSettings:
     reset_requests_per_hour: int = field(default=3, metadata=_check(_positive))
     # Where password-reset links point (the web client).
     public_url: str = "http://127.0.0.1:8080"
+    # Calls the server chain refuses (bad tokens, denied users and certificates) are written
+    # to the audit trail every `refusal_audit_window` seconds, like ones coalesced into one
+    # row with a count; at most `refusal_audit_capacity` rows wait, the rest are counted as
+    # dropped.
+    refusal_audit_window: float = field(default=5.0, metadata=_check(_positive_float))
+    refusal_audit_capacity: int = field(default=1000, metadata=_check(_positive))
 
 
 @dataclass(frozen=True)

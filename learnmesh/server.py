@@ -11,12 +11,13 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
+from sqlalchemy import MetaData
 
 from interceptors.auth import AccessPolicy
 from interceptors.chain import ServerChain
 from interceptors.deadline import Deadline
 from interceptors.errors import ErrorMapping
-from interceptors.identity import PeerIdentity
+from interceptors.identity import PeerIdentity, mesh_service_prefix
 from interceptors.link import ServerLink
 from interceptors.metrics import Metrics
 from interceptors.ratelimit import RateLimit, backend_for
@@ -24,10 +25,12 @@ from interceptors.request_id import RequestId
 from interceptors.tracing import Tracing
 from interceptors.validation import Validation
 from learnmesh import reflection, tls
+from learnmesh.audit import RefusalTrail, audit_table
 from learnmesh.auth.v1 import auth_pb2
 from learnmesh.client import ClientFactory
 from learnmesh.config import Settings
 from learnmesh.db import Database
+from learnmesh.kernel.refusals import RefusalHook
 from learnmesh.kernel.tokens import JwksCache, JwksFetch, TokenVerifier
 from learnmesh.service import Runtime, ServiceDefinition
 
@@ -64,6 +67,21 @@ def jwks_fetcher(runtime: Runtime) -> JwksFetch:
     return fetch
 
 
+def refusal_trail(runtime: Runtime, definitions: Sequence[ServiceDefinition]) -> RefusalTrail:
+    """Where the chain's refusals go: the audit table of the service owning the refused
+    method, in that service's database (one process's services share ``runtime.db``)."""
+    tables = {
+        d.full_name: audit_table(d.audit_table, MetaData()) for d in definitions if d.audit_table
+    }
+    auth = runtime.settings.auth
+    return RefusalTrail(
+        runtime.db,
+        tables,
+        window=auth.refusal_audit_window,
+        capacity=auth.refusal_audit_capacity,
+    )
+
+
 def server_links(
     runtime: Runtime | None,
     owner_resolvers: dict[str, Any],
@@ -74,6 +92,7 @@ def server_links(
     jwks_min_refetch: float = 1.0,
     registry: CollectorRegistry | None = None,
     only: Collection[type[ServerLink]] | None = None,
+    on_refusal: RefusalHook | None = None,
 ) -> list[ServerLink]:
     """The server chain, outermost first (ARCHITECTURE.md, "Call path"): the one place its
     order is written.
@@ -83,7 +102,8 @@ def server_links(
     measurements outside a process pass no runtime and both of those. ``registry`` takes
     the call metrics (the process's default when None). ``only`` keeps the links of those
     types alone, in the same order, for tests and measurements of part of the chain; the
-    others are not even built.
+    others are not even built. ``on_refusal`` hears of every call the identity and auth
+    links refuse.
     """
     if runtime is not None:
         settings = runtime.settings if settings is None else settings
@@ -96,10 +116,14 @@ def server_links(
         verifier = TokenVerifier(
             cache, issuer=settings.auth.issuer, audience=settings.auth.audience
         )
-        return AccessPolicy(verifier, owner_resolvers)
+        return AccessPolicy(verifier, owner_resolvers, on_refusal=on_refusal)
 
     makers: list[tuple[type[ServerLink], Callable[[], ServerLink]]] = [
-        (RequestId, RequestId),
+        # Only mesh services may forward their end user's address (none without mTLS).
+        (
+            RequestId,
+            lambda: RequestId(mesh_service_prefix(settings.tls.trust_domain) if tls else ""),
+        ),
         (Tracing, lambda: Tracing(sdk_spans=settings.telemetry.sdk_spans)),
         (Metrics, lambda: Metrics(registry, access_log=settings.telemetry.access_log)),
         (ErrorMapping, ErrorMapping),
@@ -112,7 +136,10 @@ def server_links(
         (
             PeerIdentity,
             lambda: PeerIdentity(
-                settings.tls.trust_domain, tls=tls, extra_callers=settings.tls.callers
+                settings.tls.trust_domain,
+                tls=tls,
+                extra_callers=settings.tls.callers,
+                on_refusal=on_refusal,
             ),
         ),
         (AccessPolicy, access_policy),
@@ -140,6 +167,7 @@ class MeshServer:
     services: list[ServiceDefinition]
     servicers: dict[str, Any] = field(default_factory=dict)
     links: list[ServerLink] = field(default_factory=list)
+    refusals: RefusalTrail | None = None
 
     @property
     def address(self) -> str:
@@ -148,6 +176,8 @@ class MeshServer:
     async def stop(self, grace: float | None = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.refusals is not None:
+            await self.refusals.aclose()  # before the runtime closes the database
         for part in [*self.servicers.values(), *self.links]:
             close = getattr(part, "aclose", None)
             if close is not None:
@@ -170,7 +200,10 @@ async def start_server(
             await runtime.db.migrate(definition.name, definition.migrations)
     # Filled below, once the servicers exist; the access link reads it at call time.
     resolvers: dict[str, Any] = {}
-    links = server_links(runtime, resolvers, tls=credentials is not None)
+    refusals = refusal_trail(runtime, definitions)
+    links = server_links(
+        runtime, resolvers, tls=credentials is not None, on_refusal=refusals.record
+    )
     server = aio.server(
         options=[
             ("grpc.so_reuseport", 1 if reuse_port else 0),
@@ -202,10 +235,13 @@ async def start_server(
     names = [d.full_name for d in definitions]
     reflection.enable([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name], chained)
     await server.start()
+    refusals.start()
     for link in links:
         start = getattr(link, "start", None)
         if start is not None:
             start()  # e.g. the auth link fetching the signing keys before the first call
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return MeshServer(server, health_servicer, bound, host, list(definitions), servicers, links)
+    return MeshServer(
+        server, health_servicer, bound, host, list(definitions), servicers, links, refusals
+    )

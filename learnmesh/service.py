@@ -65,6 +65,9 @@ class ServiceDefinition:
     migrations: Path | None
     # Owner lookups for ACCESS_OWNER methods whose resource is not a user, by full method.
     owner_resolvers: Callable[[Any], Mapping[str, Any]] = field(default=lambda _servicer: {})
+    # The service's audit table (``learnmesh.audit.audit_table``), where the server also
+    # records the calls of its methods the chain refused; "" for a service keeping none.
+    audit_table: str = ""
 
 
 def definition(name: str) -> ServiceDefinition:

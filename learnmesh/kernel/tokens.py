@@ -31,6 +31,29 @@ LEEWAY = 5  # seconds of clock skew tolerated on exp/iat
 JwksFetch = Callable[[], Awaitable[Sequence[Mapping[str, Any]]]]
 
 
+class TokenRejected(Unauthenticated):
+    """A bad access token; ``why`` is a fixed word for the audit trail (the caller sees
+    the same status and message as for any Unauthenticated)."""
+
+    def __init__(self, message: str, why: str, *, reason: str = "") -> None:
+        super().__init__(message, reason=reason)
+        self.why = why
+
+
+# PyJWT's errors, most specific first, as the words of the audit trail.
+_WHY: tuple[tuple[type[jwt.PyJWTError], str], ...] = (
+    (jwt.InvalidSignatureError, "bad_signature"),
+    (jwt.InvalidIssuerError, "wrong_issuer"),
+    (jwt.InvalidAudienceError, "wrong_audience"),
+    (jwt.MissingRequiredClaimError, "missing_claim"),
+    (jwt.DecodeError, "malformed"),
+)
+
+
+def _why(exc: jwt.PyJWTError) -> str:
+    return next((why for kind, why in _WHY if isinstance(exc, kind)), "invalid_claims")
+
+
 class JwksCache:
     """The auth service's public keys: fetched at start, refreshed in the background, and
     refetched on an unknown ``kid``.
@@ -137,15 +160,15 @@ async def verified_claims(
     try:
         header = jwt.get_unverified_header(token)
     except jwt.PyJWTError:
-        raise Unauthenticated("the access token is malformed") from None
+        raise TokenRejected("the access token is malformed", "malformed") from None
     if header.get("alg") != ALGORITHM:
-        raise Unauthenticated(f"the access token must be signed with {ALGORITHM}")
+        raise TokenRejected(f"the access token must be signed with {ALGORITHM}", "algorithm")
     kid = header.get("kid")
     if not isinstance(kid, str) or not kid:
-        raise Unauthenticated("the access token has no key id (kid)")
+        raise TokenRejected("the access token has no key id (kid)", "no_kid")
     key = await key_for(kid)
     if key is None:
-        raise Unauthenticated("the access token was signed with an unknown key")
+        raise TokenRejected("the access token was signed with an unknown key", "unknown_kid")
     try:
         claims: dict[str, Any] = jwt.decode(
             token,
@@ -157,12 +180,14 @@ async def verified_claims(
             options={"require": list(REQUIRED_CLAIMS)},
         )
     except jwt.ExpiredSignatureError:
-        raise Unauthenticated("the access token has expired", reason="TOKEN_EXPIRED") from None
+        raise TokenRejected(
+            "the access token has expired", "expired", reason="TOKEN_EXPIRED"
+        ) from None
     except jwt.PyJWTError as exc:
-        raise Unauthenticated(f"the access token is not valid: {exc}") from None
+        raise TokenRejected(f"the access token is not valid: {exc}", _why(exc)) from None
     roles = claims.setdefault("roles", [])
     if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
-        raise Unauthenticated("the access token's roles claim is malformed")
+        raise TokenRejected("the access token's roles claim is malformed", "invalid_claims")
     return claims
 
 

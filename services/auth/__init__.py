@@ -25,4 +25,5 @@ SERVICE = ServiceDefinition(
     add_to_server=auth_pb2_grpc.add_AuthServiceServicer_to_server,
     create=_create,
     migrations=Path(__file__).resolve().parent / "migrations",
+    audit_table="auth_audit",
 )

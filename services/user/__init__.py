@@ -27,4 +27,5 @@ SERVICE = ServiceDefinition(
     add_to_server=user_pb2_grpc.add_UserServiceServicer_to_server,
     create=create,
     migrations=Path(__file__).parent / "migrations",
+    audit_table="user_audit",
 )
