@@ -71,8 +71,15 @@ async def _serve(
         raise SystemExit(f"learnmesh: {exc}") from None
     admin = None
     if settings.server.admin_port >= 0:
-        from learnmesh.admin import start_admin
+        from learnmesh.admin import AdminLimits, start_admin
 
+        limits = AdminLimits(
+            max_connections=settings.server.admin_max_connections,
+            sniff_timeout=settings.server.admin_sniff_timeout,
+            header_timeout=settings.server.admin_header_timeout,
+            http_idle_timeout=settings.server.admin_http_idle_timeout,
+            grpc_idle_timeout=settings.server.admin_grpc_idle_timeout,
+        )
         try:
             admin = await start_admin(
                 settings.server.admin_host,
@@ -80,6 +87,7 @@ async def _serve(
                 server.health,
                 {"database": runtime.db.ping},
                 reuse_port=reuse_port,
+                limits=limits,
             )
         except OSError as exc:
             await server.stop(0)
