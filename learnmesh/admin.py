@@ -235,8 +235,10 @@ class Activity:
 
     async def idle_for(self, seconds: float) -> None:
         """Returns once no byte has moved for ``seconds``."""
-        while (left := self.last + seconds - time.monotonic()) > 0:
+        left = seconds
+        while left > 0:
             await asyncio.sleep(left)
+            left = self.last + seconds - time.monotonic()
 
 
 async def _copy(
