@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -328,7 +329,9 @@ class AdminServer:
             proxy_headers=False,
             server_header=False,
             timeout_keep_alive=self.limits.http_idle_timeout,  # type: ignore[arg-type]
-            timeout_graceful_shutdown=1,
+            # Long enough for a /readyz to finish its checks (they are timed), so a stop
+            # never has to cancel one.
+            timeout_graceful_shutdown=math.ceil(self.readiness.timeout) + 1,
         )
         config.load()
         self._http = uvicorn.Server(config)
@@ -370,6 +373,11 @@ class AdminServer:
                 await self._forward(reader, writer)
         except (ConnectionError, OSError, TimeoutError):
             pass
+        except asyncio.CancelledError:
+            # stop() ends connections so; asyncio would log a cancelled connection task
+            # as an error, so this one ends normally.
+            if not self._closing:
+                raise
         finally:
             self._connections.discard(task)
             writer.close()
@@ -426,6 +434,12 @@ class AdminServer:
             await self._grpc.stop(0)
         if self._http is not None and self._http.started:
             await self._http.shutdown()
+            # uvicorn cancels the requests still running after its grace and returns at
+            # once; a /readyz mid-check holds a database connection, so wait for them.
+            requests = list(self._http.server_state.tasks)
+            for task in requests:
+                task.cancel()
+            await asyncio.gather(*requests, return_exceptions=True)
         if self._listener is not None:
             await self._listener.wait_closed()
 
