@@ -16,15 +16,17 @@ import dataclasses
 import logging
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from learnmesh import certs, config, probe, tls
 from learnmesh.db import Database
-from learnmesh.service import IMPLEMENTED, definition
+from learnmesh.service import IMPLEMENTED, Runtime, ServiceDefinition, definition
 
 if TYPE_CHECKING:
+    from learnmesh.admin import AdminServer
     from services.user.profiles import RoleChange
 
 log = logging.getLogger("learnmesh")
@@ -37,12 +39,50 @@ INSECURE_WARNING = """\
 ************************************************************************"""
 
 
-async def _wait_for_signal() -> None:
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Stop signals that arrived before the event loop ran (while `up` or `serve` was starting).
+_early_stops: list[int] = []
+# Seconds the tasks still running at stop (a library's shielded connection close, a call
+# ended at the grace) get to finish before the database is disposed; then they are cancelled.
+SETTLE_SECONDS = 5.0
+
+
+def _note_stop(signum: int, _frame: object) -> None:
+    _early_stops.append(signum)
+
+
+def _hold_stop_signals() -> None:
+    """From here on, SIGINT and SIGTERM ask for a stop instead of killing the process (or
+    raising KeyboardInterrupt in whatever is running): ``_serve`` reads what came."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, _note_stop)
+
+
+def _stop_requested() -> asyncio.Event:
+    """Set by SIGINT or SIGTERM, or already set when one arrived before the loop ran."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    if _early_stops:
+        stop.set()
+    return stop
+
+
+async def _settle() -> None:
+    """Lets every task still running end (SQLAlchemy closes a connection a cancelled query
+    held in a task of its own), so none is left pending when the loop closes."""
+    current = asyncio.current_task()
+    pending = [task for task in asyncio.all_tasks() if task is not current]
+    if not pending:
+        return
+    _, late = await asyncio.wait(pending, timeout=SETTLE_SECONDS)
+    for task in late:
+        log.warning("still running at stop, cancelled: %r", task)
+        task.cancel()
+    if late:
+        await asyncio.wait(late)
 
 
 async def _serve(
@@ -53,59 +93,87 @@ async def _serve(
     port: int,
     reuse_port: bool,
 ) -> None:
+    """Starts the server and the admin port, serves until SIGINT or SIGTERM, then closes
+    everything in the reverse order of its opening: health NOT_SERVING and the server's
+    stop with grace, the admin port, the servicers and links, the tasks still running, the
+    client channels and last the database engine. Each close runs even when one before it
+    failed. A signal during start-up lets the step under way finish, then stops the same
+    way (no step is cancelled halfway: grpc and aiosqlite do not survive that)."""
+    stop = _stop_requested()
     from learnmesh.server import build_runtime, start_server
 
-    runtime, credentials = build_runtime(settings, identity)
-    definitions = [definition(name) for name in names]
-    try:
-        server = await start_server(
-            runtime,
-            definitions,
-            host=host,
-            port=port,
-            credentials=credentials,
-            reuse_port=reuse_port,
-        )
-    except OSError as exc:
-        await runtime.close()
-        raise SystemExit(f"learnmesh: {exc}") from None
-    admin = None
-    if settings.server.admin_port >= 0:
-        from learnmesh.admin import start_admin
-
+    async with contextlib.AsyncExitStack() as opened:
+        runtime, credentials = build_runtime(settings, identity)
+        opened.push_async_callback(runtime.close)  # channels, then the engine
+        opened.push_async_callback(_settle)
+        definitions = [definition(name) for name in names]
         try:
-            admin = await start_admin(
-                settings.server.admin_host,
-                settings.server.admin_port,
-                server.health,
-                {"database": runtime.db.ping},
+            server = await start_server(
+                runtime,
+                definitions,
+                host=host,
+                port=port,
+                credentials=credentials,
                 reuse_port=reuse_port,
             )
         except OSError as exc:
-            await server.stop(0)
-            await runtime.close()
             raise SystemExit(f"learnmesh: {exc}") from None
-    scheme = "grpcs (mTLS)" if credentials is not None else "grpc (PLAINTEXT)"
+        opened.push_async_callback(server.aclose)
+        admin = None
+        if settings.server.admin_port >= 0 and not stop.is_set():
+            from learnmesh.admin import AdminLimits, start_admin
+
+            limits = AdminLimits(
+                max_connections=settings.server.admin_max_connections,
+                sniff_timeout=settings.server.admin_sniff_timeout,
+                header_timeout=settings.server.admin_header_timeout,
+                http_idle_timeout=settings.server.admin_http_idle_timeout,
+                grpc_idle_timeout=settings.server.admin_grpc_idle_timeout,
+            )
+            try:
+                admin = await start_admin(
+                    settings.server.admin_host,
+                    settings.server.admin_port,
+                    server.health,
+                    {"database": runtime.db.ping},
+                    reuse_port=reuse_port,
+                    limits=limits,
+                )
+            except OSError as exc:
+                raise SystemExit(f"learnmesh: {exc}") from None
+            # The admin port outlives the drain, so probes see NOT_SERVING meanwhile.
+            opened.push_async_callback(admin.stop)
+        opened.push_async_callback(server.drain, settings.server.grace)
+        if not stop.is_set():
+            _announce(
+                settings, server.address, definitions, credentials is not None, admin, runtime
+            )
+            await stop.wait()
+        print("stopping…", flush=True)
+    print("stopped", flush=True)
+
+
+def _announce(
+    settings: config.Settings,
+    address: str,
+    definitions: Sequence[ServiceDefinition],
+    mtls: bool,
+    admin: AdminServer | None,
+    runtime: Runtime,
+) -> None:
+    """The banner: what listens where, and "ready" last (scripts wait for it)."""
+    scheme = "grpcs (mTLS)" if mtls else "grpc (PLAINTEXT)"
     for d in definitions:
-        print(f"{d.full_name:<42} {scheme} {server.address}", flush=True)
-    print(f"{'grpc.health.v1.Health, reflection':<42} {scheme} {server.address}", flush=True)
+        print(f"{d.full_name:<42} {scheme} {address}", flush=True)
+    print(f"{'grpc.health.v1.Health, reflection':<42} {scheme} {address}", flush=True)
     if admin is not None:
         where = f"{settings.server.admin_host}:{admin.port}"
         print(f"{'admin: Health, /healthz /readyz /metrics':<42} plaintext {where}", flush=True)
-    if credentials is not None and not settings.tls.ca_file:
+    if mtls and not settings.tls.ca_file:
         directory = tls.certs_dir(settings)
         print(f"certificates: {directory} (CA: {directory / 'ca.pem'})", flush=True)
     print(f"database: {runtime.db.url.render_as_string(hide_password=True)}", flush=True)
     print("ready; Ctrl-C stops", flush=True)
-    try:
-        await _wait_for_signal()
-    finally:
-        print("stopping…", flush=True)
-        await server.stop(settings.server.grace)  # health turns NOT_SERVING while draining
-        if admin is not None:
-            await admin.stop()
-        await runtime.close()
-        print("stopped", flush=True)
 
 
 async def _migrate(settings: config.Settings, names: Sequence[str]) -> None:
@@ -284,6 +352,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("up", "serve"):
+        _hold_stop_signals()
     if args.command == "health":
         return probe.run(args)
     try:

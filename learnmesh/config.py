@@ -135,6 +135,17 @@ class ServerSettings:
     # (never a business method). Port 0 picks a free one; -1 turns it off.
     admin_host: str = "127.0.0.1"
     admin_port: int = field(default=50052, metadata=_check(_admin_port))
+    # The admin port takes no credentials, so what one client may hold is bounded: open
+    # connections at once (one more is closed on arrival, counted in
+    # learnmesh_admin_connections_refused_total); seconds a connection gets for its first
+    # bytes (sniff), an HTTP request to arrive whole (header), a keep-alive HTTP connection
+    # to send its next request (http_idle), and a gRPC connection to go without a call
+    # (grpc_idle).
+    admin_max_connections: int = field(default=64, metadata=_check(_positive))
+    admin_sniff_timeout: float = field(default=10.0, metadata=_check(_positive_float))
+    admin_header_timeout: float = field(default=5.0, metadata=_check(_positive_float))
+    admin_http_idle_timeout: float = field(default=5.0, metadata=_check(_positive_float))
+    admin_grpc_idle_timeout: float = field(default=60.0, metadata=_check(_positive_float))
     # Concurrent calls one client connection may have open (HTTP/2 SETTINGS); more wait.
     max_concurrent_streams: int = field(default=100, metadata=_check(_positive))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -173,15 +174,28 @@ class MeshServer:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    async def stop(self, grace: float | None = 5.0) -> None:
+    async def drain(self, grace: float | None = 5.0) -> None:
+        """Stops accepting: health NOT_SERVING first (so probes and balancers turn away),
+        then the server stops, giving in-flight calls ``grace`` seconds."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
-        if self.refusals is not None:
-            await self.refusals.aclose()  # before the runtime closes the database
-        for part in [*self.servicers.values(), *self.links]:
-            close = getattr(part, "aclose", None)
-            if close is not None:
-                await close()
+
+    async def aclose(self) -> None:
+        """Closes the servicers, then the links (the reverse of their making); every part
+        is closed even when one before it fails, and the first failure is raised."""
+        async with contextlib.AsyncExitStack() as parts:
+            if self.refusals is not None:
+                # Last, after the links that feed it, and before the runtime closes the
+                # database it writes to.
+                parts.push_async_callback(self.refusals.aclose)
+            for part in [*self.links, *self.servicers.values()]:
+                close = getattr(part, "aclose", None)
+                if close is not None:
+                    parts.push_async_callback(close)
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        await self.drain(grace)
+        await self.aclose()
 
 
 async def start_server(

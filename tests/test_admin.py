@@ -7,6 +7,7 @@ and HTTP /healthz, /readyz, /metrics; business methods are unreachable through i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import urllib.error
@@ -22,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY, Counter
 
-from learnmesh.admin import AdminServer, start_admin
+from learnmesh.admin import AdminLimits, AdminServer, start_admin
 from learnmesh.course.v1 import course_pb2, course_pb2_grpc
 from learnmesh.db import Database
 from tests.conftest import IN_CI, POSTGRES_URL, postgres_unreachable
@@ -412,3 +413,32 @@ async def test_port_in_use_is_reported_and_nothing_is_left_running() -> None:
 async def test_health_servicer_must_be_grpcs_aio_one() -> None:
     with pytest.raises(TypeError, match="HealthServicer"):
         await start_admin("127.0.0.1", 0, object())  # type: ignore[arg-type]
+
+
+# Limits (the attack tests against a real process are in test_admin_limits.py)
+
+
+async def test_refusals_over_the_cap_are_counted_each_and_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    admin = await start_admin(
+        "127.0.0.1", 0, health.aio.HealthServicer(), limits=AdminLimits(max_connections=2)
+    )
+    before = REGISTRY.get_sample_value("learnmesh_admin_connections_refused_total") or 0.0
+    held = [await asyncio.open_connection("127.0.0.1", admin.port) for _ in range(2)]
+    try:
+        await asyncio.sleep(0.1)
+        with caplog.at_level("WARNING", logger="learnmesh.admin"):
+            for _ in range(10):
+                reader, writer = await asyncio.open_connection("127.0.0.1", admin.port)
+                with contextlib.suppress(ConnectionResetError):  # closed at once, or reset
+                    assert await asyncio.wait_for(reader.read(), 2) == b""
+                writer.close()
+        after = REGISTRY.get_sample_value("learnmesh_admin_connections_refused_total")
+        assert after == before + 10
+        lines = [r for r in caplog.records if "cap of 2 open connections" in r.getMessage()]
+        assert len(lines) == 1
+    finally:
+        for _, writer in held:
+            writer.close()
+        await admin.stop()
