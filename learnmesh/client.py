@@ -4,8 +4,8 @@ Services reach each other only through it, over the network, even inside ``learn
 Every channel carries the client chain (request id, a client span and the trace context,
 the gRPC client metrics, deadline propagation, a circuit breaker of its own target), gRPC's
 native retry policy generated from the protos, round-robin balancing over several addresses
-or a DNS name, and, with mTLS, the calling service's certificate. Channels are made lazily, inside the running
-event loop, and reused per target.
+or a DNS name, and, with mTLS, the calling service's certificate. Channels are made lazily,
+inside the running event loop, and reused per target.
 """
 
 from __future__ import annotations
