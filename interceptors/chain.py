@@ -18,16 +18,11 @@ import grpc
 from grpc import aio
 
 from interceptors.call_state import keep_metadata
-from interceptors.link import Behavior, ServerLink, guard
+from interceptors.link import Behavior, ServerLink
 from interceptors.method import RpcKind, method_info
 from interceptors.request_reading import reading_request, unary_request_handler
 from interceptors.requests import decoding
 from interceptors.shapes import canonical
-
-# Behavior, ServerLink and guard live in interceptors.link; named here too only until
-# tests/test_telemetry.py and tests/ratelimit_server.py (changed on other branches right
-# now) import them from there. Then this list and the guard import go.
-__all__ = ["Behavior", "ChainedServer", "ServerChain", "ServerLink", "guard"]
 
 
 def kind_of(handler: grpc.RpcMethodHandler[Any, Any]) -> RpcKind:

@@ -6,11 +6,13 @@ the handler runs (so the handler's outbound calls become its children and its lo
 carry the trace id) and ends it with the final status code. The client side starts a child
 span of whatever is current and injects ``traceparent``/``tracestate`` into the metadata.
 
-It is built for the hot path (opentelemetry-instrumentation-grpc costs 38-49 % of a trivial
-call here): names and attribute dicts are made once per method, ``traceparent`` is parsed
-only when present, spans are made by ``interceptors.spans.SpanStarter`` (the SDK's
-decisions and records, without the SDK's cost), and a call whose span the sampler dropped
-has nothing to end, which matters at 10 % sampling where nine calls in ten are dropped.
+It is built for the hot path (the stock opentelemetry-instrumentation-grpc interceptor costs
+a large share of a trivial call; benchmarks.run measures the links' cost against a bare
+server, with results in benchmarks/RESULTS.md): names and attribute dicts are made once per
+method, ``traceparent`` is parsed only when present, spans are made by
+``interceptors.spans.SpanStarter`` (the SDK's decisions and records, without the SDK's
+cost), and a call whose span the sampler dropped has nothing to end, which matters at low
+sampling rates, where most calls are dropped.
 
 Propagation follows ``OTEL_PROPAGATORS`` (read when a link is made; default
 ``tracecontext,baggage``). Names within ``tracecontext`` and ``baggage`` are handled here:

@@ -2,10 +2,10 @@
 
 Services reach each other only through it, over the network, even inside ``learnmesh up``.
 Every channel carries the client chain (request id, a client span and the trace context,
-deadline propagation, a circuit breaker of its own target), gRPC's native retry policy generated
-from the protos, round-robin balancing over several addresses or a DNS name, and, with
-mTLS, the calling service's certificate. Channels are made lazily, inside the running
-event loop, and reused per target.
+the gRPC client metrics, deadline propagation, a circuit breaker of its own target), gRPC's
+native retry policy generated from the protos, round-robin balancing over several addresses
+or a DNS name, and, with mTLS, the calling service's certificate. Channels are made lazily,
+inside the running event loop, and reused per target.
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ from typing import Any, Literal, overload
 
 import grpc
 from grpc import aio
+from prometheus_client import CollectorRegistry
 
 from interceptors.breaker import CircuitBreaker
 from interceptors.client import for_every_kind
 from interceptors.deadline import DeadlinePropagation
+from interceptors.metrics import ClientMetrics
 from interceptors.request_id import ClientRequestId
 from interceptors.retry import service_config
 from interceptors.tracing import ClientTracing
@@ -62,6 +64,7 @@ class ClientFactory:
         credentials: grpc.ChannelCredentials | None = None,
         interceptors: Sequence[aio.ClientInterceptor] = (),
         local_address: str = "",
+        metrics_registry: CollectorRegistry | None = None,
     ) -> None:
         self.settings = settings
         self.credentials = credentials
@@ -71,6 +74,8 @@ class ClientFactory:
         self.local_address = local_address
         self._channels: dict[str, aio.Channel] = {}
         self.breakers: dict[str, CircuitBreaker] = {}
+        # One for every channel: outside the breaker, so calls it refuses count too.
+        self.metrics = ClientMetrics(metrics_registry)
         self._config = service_config(
             FULL_NAMES.values(),
             budget_tokens=settings.client.retry_budget_tokens,
@@ -109,6 +114,7 @@ class ClientFactory:
                 *self.interceptors,
                 ClientRequestId(),
                 ClientTracing(sdk_spans=self.settings.telemetry.sdk_spans),
+                self.metrics,
                 DeadlinePropagation(self.settings.deadlines.propagation_margin),
                 breaker,
             ]

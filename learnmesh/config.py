@@ -224,7 +224,7 @@ class TelemetrySettings:
     # Tracing follows the standard OTEL_* variables (OTEL_TRACES_EXPORTER=otlp|console|none,
     # OTEL_TRACES_SAMPLER, OTEL_TRACES_SAMPLER_ARG, OTEL_EXPORTER_OTLP_*, OTEL_PROPAGATORS).
     # true: the OpenTelemetry SDK makes every span itself (the tracing links' fast path,
-    # interceptors/spans.py, off): for an SDK version the fast path was not verified against.
+    # interceptors/spans/, off): for an SDK version the fast path was not verified against.
     sdk_spans: bool = False
 
 

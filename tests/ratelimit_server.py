@@ -19,8 +19,8 @@ from typing import Any
 
 from grpc import aio
 
-from interceptors.chain import Behavior, ServerLink, guard
 from interceptors.errors import ErrorMapping
+from interceptors.link import Behavior, ServerLink, guard
 from interceptors.method import MethodInfo
 from interceptors.ratelimit import RateLimit, RedisBackend
 from interceptors.request_id import RequestId

@@ -146,14 +146,19 @@ async def test_streams_pass_through_every_link(
 
     def count(method: str, code: str) -> float:
         value = registry.get_sample_value(
-            "learnmesh_rpc_server_calls_total",
-            {"service": "learnmesh.file.v1.FileService", "method": method, "code": code},
+            "grpc_server_handled_total",
+            {
+                "grpc_type": "client_stream" if method == "Upload" else "server_stream",
+                "grpc_service": "learnmesh.file.v1.FileService",
+                "grpc_method": method,
+                "grpc_code": code,
+            },
         )
         return value or 0.0
 
-    assert count("Upload", "OK") == 1 and count("Upload", "UNAUTHENTICATED") == 1
-    assert count("Upload", "INVALID_ARGUMENT") == 1
-    assert count("Download", "OK") == 1 and count("Download", "PERMISSION_DENIED") == 1
+    assert count("Upload", "OK") == 1 and count("Upload", "Unauthenticated") == 1
+    assert count("Upload", "InvalidArgument") == 1
+    assert count("Download", "OK") == 1 and count("Download", "PermissionDenied") == 1
 
 
 async def test_key_rotation_needs_no_restart_and_unknown_kids_cannot_flood_the_jwks(

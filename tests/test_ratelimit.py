@@ -130,13 +130,15 @@ async def limited(
     if backend is None:
         backend = MemoryBackend(clock=clock) if clock else MemoryBackend()
     link = RateLimit(settings, backend)
-    server = aio.server(
-        interceptors=[ServerChain([RequestId(), ErrorMapping(), MetadataPrincipal(), link])]
+    server = aio.server()
+    # Wired as the product wires it: every servicer registers through the chain.
+    chained = ServerChain([RequestId(), ErrorMapping(), MetadataPrincipal(), link]).applied_to(
+        server
     )
-    course_pb2_grpc.add_CourseServiceServicer_to_server(CourseWithDelete(), server)
-    file_pb2_grpc.add_FileServiceServicer_to_server(FileDouble(), server)
-    auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthDouble(), server)
-    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    course_pb2_grpc.add_CourseServiceServicer_to_server(CourseWithDelete(), chained)
+    file_pb2_grpc.add_FileServiceServicer_to_server(FileDouble(), chained)
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthDouble(), chained)
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), chained)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = aio.insecure_channel(f"127.0.0.1:{port}")
