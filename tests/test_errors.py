@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from interceptors.errors import ErrorMapping
 from interceptors.request_id import RequestId
 from learnmesh.course.v1 import course_pb2, course_pb2_grpc
-from learnmesh.kernel.errors import FailedPrecondition, NotFound
+from learnmesh.kernel.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from tests.support.doubles import COURSE_ID, CourseDouble
 from tests.support.servers import chain_links, serve
 from tests.support.status import error_reason
@@ -72,3 +72,15 @@ async def test_domain_errors_keep_their_code_message_and_reason() -> None:
 
     err = await call(FailedPrecondition("enrol first"))
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_field_with_several_violations_is_named_once_in_the_message() -> None:
+    error = InvalidArgument(
+        [
+            FieldViolation("profile.display_name", "must not contain control characters"),
+            FieldViolation("profile.display_name", "must contain a visible character"),
+            FieldViolation("profile.bio", "too long"),
+        ]
+    )
+    assert error.message == "invalid request: profile.display_name, profile.bio"
+    assert len(error.violations) == 3  # every violation is still in the details

@@ -39,7 +39,7 @@ class InvalidArgument(DomainError):
 
     def __init__(self, violations: Iterable[FieldViolation], message: str = "") -> None:
         self.violations = list(violations)
-        fields = ", ".join(v.field for v in self.violations)
+        fields = ", ".join(dict.fromkeys(v.field for v in self.violations))  # each field once
         super().__init__(message or f"invalid request: {fields}", reason="INVALID_ARGUMENT")
 
     @classmethod
