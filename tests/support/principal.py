@@ -33,4 +33,3 @@ class MetadataPrincipal(ServerLink):
             )
 
         return guard(method, behavior, check)
-
