@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from opentelemetry import trace
 from prometheus_client import CollectorRegistry
 from sqlalchemy import MetaData
 
@@ -21,7 +22,7 @@ from interceptors.errors import ErrorMapping
 from interceptors.identity import PeerIdentity, mesh_service_prefix
 from interceptors.link import ServerLink
 from interceptors.metrics import Metrics
-from interceptors.ratelimit import RateLimit, backend_for
+from interceptors.ratelimit import Backend, RateLimit, backend_for
 from interceptors.request_id import RequestId
 from interceptors.tracing import Tracing
 from interceptors.validation import Validation
@@ -92,6 +93,8 @@ def server_links(
     jwks: JwksFetch | None = None,
     jwks_min_refetch: float = 1.0,
     registry: CollectorRegistry | None = None,
+    tracer_provider: trace.TracerProvider | None = None,
+    rate_limit_backend: Backend | None = None,
     only: Collection[type[ServerLink]] | None = None,
     on_refusal: RefusalHook | None = None,
 ) -> list[ServerLink]:
@@ -101,7 +104,10 @@ def server_links(
     ``settings`` default to the runtime's; ``jwks`` fetches the keys access tokens are
     verified with (default: the auth service's, through the runtime's clients). Tests and
     measurements outside a process pass no runtime and both of those. ``registry`` takes
-    the call metrics (the process's default when None). ``only`` keeps the links of those
+    the call metrics (the process's default when None), ``tracer_provider`` the spans (the
+    global provider when None), and ``rate_limit_backend`` the rate-limit counters (when
+    None, Redis at ``settings.redis_url`` if set, else memory): tests give their own, to
+    read what was recorded or to move the clock. ``only`` keeps the links of those
     types alone, in the same order, for tests and measurements of part of the chain; the
     others are not even built. ``on_refusal`` hears of every call the identity and auth
     links refuse.
@@ -125,7 +131,10 @@ def server_links(
             RequestId,
             lambda: RequestId(mesh_service_prefix(settings.tls.trust_domain) if tls else ""),
         ),
-        (Tracing, lambda: Tracing(sdk_spans=settings.telemetry.sdk_spans)),
+        (
+            Tracing,
+            lambda: Tracing(tracer_provider, sdk_spans=settings.telemetry.sdk_spans),
+        ),
         (Metrics, lambda: Metrics(registry, access_log=settings.telemetry.access_log)),
         (ErrorMapping, ErrorMapping),
         (
@@ -147,7 +156,10 @@ def server_links(
         (
             RateLimit,
             lambda: RateLimit(
-                settings.limits, backend_for(settings.redis_url, settings.limits.redis_prefix)
+                settings.limits,
+                backend_for(settings.redis_url, settings.limits.redis_prefix)
+                if rate_limit_backend is None
+                else rate_limit_backend,
             ),
         ),
         (Validation, Validation),

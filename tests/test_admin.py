@@ -27,7 +27,7 @@ from learnmesh.admin import AdminLimits, AdminServer, start_admin
 from learnmesh.course.v1 import course_pb2, course_pb2_grpc
 from learnmesh.db import Database
 from tests.conftest import IN_CI, POSTGRES_URL, postgres_unreachable
-from tests.doubles import COURSE_ID, CourseDouble
+from tests.support.doubles import COURSE_ID, CourseDouble
 
 COURSE = "learnmesh.course.v1.CourseService"
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -20,17 +20,24 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpc import aio
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 
 from interceptors.deadline import Deadline
+from interceptors.errors import ErrorMapping
 from interceptors.link import ServerLink
+from interceptors.ratelimit import MemoryBackend, RateLimit, RedisBackend
 from interceptors.request_id import RequestId
+from interceptors.tracing import Tracing
 from interceptors.validation import Validation
 from learnmesh import config
 from learnmesh.client import ClientFactory
 from learnmesh.course.v1 import course_pb2, course_pb2_grpc
 from learnmesh.file.v1 import file_pb2, file_pb2_grpc
 from tests.support.doubles import COURSE_ID, CourseDouble, FileDouble
+from tests.support.principal import MetadataPrincipal
 from tests.support.servers import chain_links, serve
 from tests.support.status import violations
 
@@ -226,3 +233,41 @@ def test_a_part_of_the_chain_keeps_the_chains_order() -> None:
     assert [type(link) for link in chain_links(Validation)] == [Validation]
     with pytest.raises(ValueError, match="not links of the server chain"):
         chain_links(ServerLink)
+
+
+def test_a_test_link_goes_just_before_the_link_named_and_nowhere_else() -> None:
+    extra = MetadataPrincipal()
+    part = chain_links(RequestId, ErrorMapping, RateLimit, extra=extra, before=RateLimit)
+    assert [type(link) for link in part] == [RequestId, ErrorMapping, MetadataPrincipal, RateLimit]
+    assert part[2] is extra
+    whole = chain_links(extra=extra, before=RequestId)
+    assert whole[0] is extra and len(whole) == len(chain_links()) + 1
+    with pytest.raises(ValueError, match="is not in this chain"):
+        chain_links(RequestId, ErrorMapping, extra=extra, before=RateLimit)
+    with pytest.raises(ValueError, match="needs the link it goes before"):
+        chain_links(extra=extra)
+    with pytest.raises(ValueError, match="needs the link it goes before"):
+        chain_links(before=RateLimit)
+
+
+def test_the_tracer_provider_and_rate_limit_backend_given_are_the_links_own() -> None:
+    provider, exporter = TracerProvider(), InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    backend = MemoryBackend()  # empty, so falsy (it has a length): given all the same
+    tracing, limit = chain_links(
+        Tracing, RateLimit, tracer_provider=provider, rate_limit_backend=backend
+    )
+    assert isinstance(tracing, Tracing) and isinstance(limit, RateLimit)
+    tracing.starter.tracer.start_span("from the link's tracer").end()
+    assert [span.name for span in exporter.get_finished_spans()] == ["from the link's tracer"]
+    assert limit.backend is backend
+    # Without one, the backend follows the settings: Redis when a URL is set.
+    settings = config.load(
+        env={"LEARNMESH_REDIS_URL": "redis://127.0.0.1:1/0", "LEARNMESH_LIMITS_REDIS_PREFIX": "p:"}
+    )
+    (from_settings,) = chain_links(RateLimit, settings=settings)
+    assert isinstance(from_settings, RateLimit)
+    assert isinstance(from_settings.backend, RedisBackend)
+    (default,) = chain_links(RateLimit)
+    assert isinstance(default, RateLimit) and isinstance(default.backend, MemoryBackend)
+    provider.shutdown()

@@ -44,7 +44,8 @@ from learnmesh.client import ClientFactory
 from learnmesh.course.v1 import course_pb2, course_pb2_grpc
 from learnmesh.file.v1 import file_pb2, file_pb2_grpc
 from tests.conftest import PASSWORD, mesh_settings, running_mesh, scratch_database
-from tests.doubles import COURSE_ID, CourseDouble
+from tests.support.doubles import COURSE_ID, CourseDouble
+from tests.support.servers import chain_links
 
 AUTH = "learnmesh.auth.v1.AuthService"
 COURSE = "learnmesh.course.v1.CourseService"
@@ -300,17 +301,15 @@ class Rig:
 
 
 @asynccontextmanager
-async def metered(registry: CollectorRegistry, *, deadline: float = 10.0) -> AsyncIterator[Rig]:
-    """A server with the metrics link among the product's outer links, health and
-    reflection, and the client factory (the product's client chain) pointed at it."""
+async def metered(registry: CollectorRegistry) -> AsyncIterator[Rig]:
+    """A server with the metrics link among the product's outer links (the access log off),
+    health and reflection, and the client factory (the product's client chain) pointed at
+    it."""
     server = aio.server()
-    links = [
-        RequestId(),
-        Tracing(),
-        Metrics(registry, access_log=False),
-        ErrorMapping(),
-        Deadline(deadline, 30.0),
-    ]
+    quiet = config.load(env={"LEARNMESH_TELEMETRY_ACCESS_LOG": "false"})
+    links = chain_links(
+        RequestId, Tracing, Metrics, ErrorMapping, Deadline, settings=quiet, registry=registry
+    )
     chained = ServerChain(links).applied_to(server)
     course = CourseDouble()
     course_pb2_grpc.add_CourseServiceServicer_to_server(course, chained)

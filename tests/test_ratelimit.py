@@ -2,8 +2,9 @@
 trailers, RetryInfo, streaming, exemptions; and with Redis, one limit shared by two server
 processes, and failing open when Redis is down.
 
-The chain is the production order of the links involved: request id, error mapping, a test
-principal (``x-test-user`` / ``x-test-tier`` metadata instead of tokens), rate limit.
+The chain is the product's (``tests.support.servers.chain_links``): request id, error
+mapping and rate limit in its order, with a test principal (``x-test-user`` / ``x-test-tier``
+metadata instead of tokens, tests.support.principal) where the access link would be.
 """
 
 from __future__ import annotations
@@ -12,23 +13,19 @@ import asyncio
 import logging
 import os
 import socket
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis import asyncio as redis_asyncio
 
-from interceptors.chain import ServerChain
 from interceptors.errors import ErrorMapping
 from interceptors.method import method_info
 from interceptors.ratelimit import (
@@ -49,10 +46,12 @@ from learnmesh.common.v1 import access_pb2
 from learnmesh.config import LimitSettings
 from learnmesh.course.v1 import course_pb2, course_pb2_grpc
 from learnmesh.file.v1 import file_pb2, file_pb2_grpc
-from tests.doubles import COURSE_ID, CourseDouble, FileDouble
-from tests.ratelimit_server import TIER_HEADER, USER_HEADER, MetadataPrincipal
+from tests.support.doubles import COURSE_ID, CourseDouble, FileDouble
+from tests.support.principal import TIER_HEADER, USER_HEADER, MetadataPrincipal
+from tests.support.processes import python_module, server_process
+from tests.support.servers import chain_links, serve
+from tests.support.status import error_reason, retry_delay
 
-REPO = Path(__file__).resolve().parents[1]
 REDIS_URL = os.environ.get("LEARNMESH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 RATE_HEADERS = (LIMIT_HEADER, REMAINING_HEADER, RESET_HEADER)
@@ -126,28 +125,29 @@ async def limited(
     *, backend: Any = None, clock: FakeClock | None = None, **limits: Any
 ) -> AsyncIterator[Target]:
     """A real server (course, file, auth doubles and health) behind the rate-limit chain."""
-    settings = replace(LimitSettings(), **limits)
+    settings = replace(config.load(env={}), limits=replace(LimitSettings(), **limits))
     if backend is None:
         backend = MemoryBackend(clock=clock) if clock else MemoryBackend()
-    link = RateLimit(settings, backend)
-    server = aio.server()
-    # Wired as the product wires it: every servicer registers through the chain.
-    chained = ServerChain([RequestId(), ErrorMapping(), MetadataPrincipal(), link]).applied_to(
-        server
+    links = chain_links(
+        RequestId,
+        ErrorMapping,
+        RateLimit,
+        settings=settings,
+        rate_limit_backend=backend,
+        extra=MetadataPrincipal(),
+        before=RateLimit,
     )
-    course_pb2_grpc.add_CourseServiceServicer_to_server(CourseWithDelete(), chained)
-    file_pb2_grpc.add_FileServiceServicer_to_server(FileDouble(), chained)
-    auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthDouble(), chained)
-    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), chained)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = aio.insecure_channel(f"127.0.0.1:{port}")
+    (link,) = [link for link in links if isinstance(link, RateLimit)]
+    # Wired as the product wires it: every servicer registers through the chain.
+    served = await serve(
+        links, course=CourseWithDelete(), files=FileDouble(), auth=AuthDouble(), with_health=True
+    )
+    channel = aio.insecure_channel(served.address)
     try:
         yield Target(channel, link)
     finally:
         await channel.close()
-        await server.stop(0)
-        await link.aclose()
+        await served.stop()  # and the links: the rate limit's backend
 
 
 def as_user(user_id: str | None = None, tier: str = "free") -> tuple[tuple[str, str], ...]:
@@ -159,7 +159,7 @@ class Outcome:
     code: grpc.StatusCode
     trailers: dict[str, Any]
     message: str = ""
-    status: status_pb2.Status | None = None
+    error: aio.AioRpcError | None = None
 
     @property
     def limit(self) -> int:
@@ -176,30 +176,17 @@ class Outcome:
     @property
     def retry_delay(self) -> float:
         """Seconds in the google.rpc.RetryInfo detail of a refused call."""
-        assert self.status is not None, f"no status details on {self.code}: {self.message}"
-        for detail in self.status.details:
-            if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):  # type: ignore[arg-type]  # stubs: DESCRIPTOR wider than Is takes
-                info = error_details_pb2.RetryInfo()
-                detail.Unpack(info)
-                return float(info.retry_delay.ToNanoseconds()) / 1e9
-        raise AssertionError(f"no RetryInfo among {self.status.details}")
+        assert self.error is not None, f"{self.code} is not a refusal"
+        return retry_delay(self.error)
 
     @property
     def reason(self) -> str:
-        assert self.status is not None
-        for detail in self.status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):  # type: ignore[arg-type]  # stubs: DESCRIPTOR wider than Is takes
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                return info.reason
-        return ""
+        assert self.error is not None, f"{self.code} is not a refusal"
+        return error_reason(self.error)
 
 
 def _refused(err: aio.AioRpcError) -> Outcome:
-    trailers = dict(err.trailing_metadata() or ())
-    raw = trailers.get("grpc-status-details-bin")
-    status = status_pb2.Status.FromString(raw) if raw else None
-    return Outcome(err.code(), trailers, err.details() or "", status)
+    return Outcome(err.code(), dict(err.trailing_metadata() or ()), err.details() or "", err)
 
 
 async def outcome(call: Any) -> Outcome:
@@ -534,42 +521,18 @@ async def redis_prefix() -> AsyncIterator[str]:
 
 @asynccontextmanager
 async def server_processes(count: int, prefix: str, *args: str) -> AsyncIterator[list[Target]]:
-    """``count`` separate ``tests.ratelimit_server`` processes sharing ``prefix``."""
-    procs = [
-        await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "tests.ratelimit_server",
-            REDIS_URL,
-            prefix,
-            *args,
-            cwd=REPO,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        for _ in range(count)
-    ]
-    channels: list[aio.Channel] = []
-    try:
-        for proc in procs:
-            assert proc.stdout is not None and proc.stderr is not None
-            line = await asyncio.wait_for(proc.stdout.readline(), timeout=30)
-            if not line.strip():
-                error = await proc.stderr.read()
-                pytest.fail(f"rate-limit server did not start: {error.decode()[-2000:]}")
-            channels.append(aio.insecure_channel(f"127.0.0.1:{int(line)}"))
-        yield [Target(channel) for channel in channels]
-    finally:
-        for channel in channels:
-            await channel.close()
-        for proc in procs:
-            if proc.returncode is None:
-                proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), timeout=10)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+    """``count`` separate rate-limited B processes (``tests.support.double_process
+    --rate-limit``) sharing ``prefix`` in Redis."""
+    command = python_module("tests.support.double_process", "--rate-limit", REDIS_URL, prefix)
+    async with AsyncExitStack() as stack:
+        targets = []
+        for _ in range(count):
+            proc = await stack.enter_async_context(server_process([*command, *args]))
+            stack.push_async_callback(proc.stop)  # SIGTERM: it closes its Redis client
+            channel = aio.insecure_channel(proc.address)
+            stack.push_async_callback(channel.close)
+            targets.append(Target(channel))
+        yield targets
 
 
 async def test_two_server_processes_share_one_limit_in_redis(redis_prefix: str) -> None:

@@ -1,4 +1,4 @@
-"""Tracing, metrics and the access log on real servers and channels (tests/doubles.py).
+"""Tracing, metrics and the access log on real servers and channels (tests/support).
 
 Spans go to the SDK's in-memory exporter; metrics to a private CollectorRegistry; the
 access log is read as the JSON lines learnmesh.telemetry formats. One test runs B in another
@@ -14,8 +14,6 @@ import logging
 import os
 import random
 import re
-import signal
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -63,7 +61,9 @@ from learnmesh.config import ConfigError
 from learnmesh.course.v1 import course_pb2, course_pb2_grpc
 from learnmesh.file.v1 import file_pb2, file_pb2_grpc
 from learnmesh.kernel import logs
-from tests.doubles import COURSE_ID, CourseDouble, FileDouble, Served, serve
+from tests.support.doubles import COURSE_ID, CourseDouble, FileDouble
+from tests.support.processes import python_module, server_process
+from tests.support.servers import Served, chain_links, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 COURSE = "learnmesh.course.v1.CourseService"
@@ -163,6 +163,11 @@ def traces() -> Iterator[Traces]:
     made.provider.shutdown()
 
 
+def traced_links(provider: TracerProvider) -> list[ServerLink]:
+    """The product's request id, tracing and error mapping links, spans to ``provider``."""
+    return chain_links(RequestId, Tracing, ErrorMapping, tracer_provider=provider)
+
+
 @asynccontextmanager
 async def running(
     links: Sequence[ServerLink],
@@ -257,7 +262,7 @@ def uploads() -> Iterator[file_pb2.UploadRequest]:
 async def test_server_span_of_an_ok_call_has_name_rpc_attributes_and_peer(
     traces: Traces,
 ) -> None:
-    async with running([RequestId(), Tracing(traces.provider), ErrorMapping()]) as (_, channel):
+    async with running(traced_links(traces.provider)) as (_, channel):
         reply = await course_pb2_grpc.CourseServiceStub(channel).GetCourse(
             get_course(), metadata=(("x-request-id", "req-span-ok"),)
         )
@@ -280,7 +285,7 @@ async def test_aborted_calls_record_the_final_code_and_only_server_faults_are_er
     traces: Traces,
 ) -> None:
     course = CourseDouble()
-    links = [RequestId(), Tracing(traces.provider), ErrorMapping()]
+    links = traced_links(traces.provider)
     async with running(links, course=course) as (_, channel):
         stub = course_pb2_grpc.CourseServiceStub(channel)
         for code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
@@ -299,7 +304,7 @@ async def test_aborted_calls_record_the_final_code_and_only_server_faults_are_er
 async def test_an_unmapped_exception_is_internal_and_its_text_stays_out_of_the_span(
     traces: Traces,
 ) -> None:
-    links = [RequestId(), Tracing(traces.provider), ErrorMapping()]
+    links = traced_links(traces.provider)
     async with running(links, course=Unmapped()) as (_, channel):
         with pytest.raises(aio.AioRpcError) as caught:
             await course_pb2_grpc.CourseServiceStub(channel).GetCourse(get_course())
@@ -371,13 +376,13 @@ async def test_traceparent_in_metadata_becomes_the_parent(traces: Traces) -> Non
 
 async def test_a_calls_b_one_trace_with_parent_and_child_links(traces: Traces) -> None:
     b_course = RawMetadata()
-    b_links = [RequestId(), Tracing(traces.provider), ErrorMapping()]
+    b_links = traced_links(traces.provider)
     async with running(b_links, course=b_course) as (b, _):
         b_channel = aio.insecure_channel(
             b.address,
             interceptors=for_every_kind([ClientTracing(traces.provider), ClientRequestId()]),
         )
-        links = [RequestId(), Tracing(traces.provider), ErrorMapping()]
+        links = traced_links(traces.provider)
         async with running(links, course=Relay(b_channel)) as (_, a_channel):
             reply = await course_pb2_grpc.CourseServiceStub(a_channel).GetCourse(
                 get_course(), metadata=(("x-request-id", "req-a-to-b"),)
@@ -430,7 +435,7 @@ async def test_a_failing_b_marks_the_client_span(traces: Traces) -> None:
 async def test_streaming_calls_get_spans_with_their_final_status(traces: Traces) -> None:
     client = ClientTracing(traces.provider)
     async with running(
-        [RequestId(), Tracing(traces.provider), ErrorMapping()],
+        traced_links(traces.provider),
         files=FileDouble(),
         client_interceptors=[client],
     ) as (_, channel):
@@ -453,7 +458,7 @@ async def test_streaming_calls_get_spans_with_their_final_status(traces: Traces)
 
 
 async def test_streaming_failure_and_cancellation_mid_stream(traces: Traces) -> None:
-    links = [RequestId(), Tracing(traces.provider), ErrorMapping()]
+    links = traced_links(traces.provider)
     async with running(links, files=SlowFiles(fail=grpc.StatusCode.DATA_LOSS)) as (_, channel):
         call = file_pb2_grpc.FileServiceStub(channel).Download(
             file_pb2.DownloadRequest(file_id=COURSE_ID)
@@ -537,7 +542,7 @@ async def test_a_roots_decision_travels_to_b(ids: str) -> None:
         b_channel = aio.insecure_channel(
             b.address, interceptors=for_every_kind([ClientTracing(sampled.provider)])
         )
-        links = [Tracing(sampled.provider), ErrorMapping()]
+        links = chain_links(Tracing, ErrorMapping, tracer_provider=sampled.provider)
         async with running(links, course=Relay(b_channel)) as (_, a_channel):
             stub = course_pb2_grpc.CourseServiceStub(a_channel)
             for _ in range(100):
@@ -993,7 +998,14 @@ async def test_access_log_writes_one_json_line_per_call(
     traces: Traces, access_lines: Lines
 ) -> None:
     course = CourseDouble()
-    links = [RequestId(), Tracing(traces.provider), Metrics(CollectorRegistry()), ErrorMapping()]
+    links = chain_links(
+        RequestId,
+        Tracing,
+        Metrics,
+        ErrorMapping,
+        tracer_provider=traces.provider,
+        registry=CollectorRegistry(),
+    )
     async with running(links, course=course) as (_, channel):
         stub = course_pb2_grpc.CourseServiceStub(channel)
         await stub.GetCourse(get_course(), metadata=(("x-request-id", "req-access-1"),))
@@ -1054,7 +1066,13 @@ async def test_setup_logging_lines_written_during_a_call_carry_its_ids(traces: T
             b_channel = aio.insecure_channel(
                 b.address, interceptors=for_every_kind([ClientTracing(traces.provider)])
             )
-            links = [RequestId(), Tracing(traces.provider), Metrics(CollectorRegistry())]
+            links = chain_links(
+                RequestId,
+                Tracing,
+                Metrics,
+                tracer_provider=traces.provider,
+                registry=CollectorRegistry(),
+            )
             async with running(links, course=Relay(b_channel)) as (_, channel):
                 await course_pb2_grpc.CourseServiceStub(channel).GetCourse(
                     get_course(), metadata=(("x-request-id", "req-logged"),)
@@ -1208,35 +1226,20 @@ async def test_a_and_b_in_separate_processes_share_one_trace_on_the_console(
 ) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     env.update(OTEL_TRACES_EXPORTER="console", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    b = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tests.traced_server",
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        assert b.stdout is not None
-        first = await asyncio.wait_for(b.stdout.readline(), timeout=30)
-        port = int(first.decode().split()[1])
+    command = python_module("tests.support.double_process", "--traced")
+    async with server_process(command, env=env) as b:
         b_channel = aio.insecure_channel(
-            f"127.0.0.1:{port}",
+            b.address,
             interceptors=for_every_kind([ClientTracing(traces.provider), ClientRequestId()]),
         )
-        links = [RequestId(), Tracing(traces.provider), ErrorMapping()]
-        async with running(links, course=Relay(b_channel)) as (_, channel):
+        async with running(traced_links(traces.provider), course=Relay(b_channel)) as (_, channel):
             await course_pb2_grpc.CourseServiceStub(channel).GetCourse(
                 get_course(), metadata=(("x-request-id", "req-two-processes"),)
             )
         await b_channel.close()
-    finally:
-        if b.returncode is None:
-            b.send_signal(signal.SIGTERM)
-        out, err = await asyncio.wait_for(b.communicate(), timeout=30)
-    assert b.returncode == 0, err.decode()
-    (b_span,) = [s for s in decoded(out.decode()) if s.get("name") == GET_COURSE]
+        out, err = await b.stop()
+    assert b.proc.returncode == 0, err
+    (b_span,) = [s for s in decoded(out) if s.get("name") == GET_COURSE]
     (a_client,) = [s for s in traces.spans() if s.kind is SpanKind.CLIENT]
     assert b_span["kind"] == "SpanKind.SERVER"
     assert b_span["context"]["trace_id"] == f"0x{a_client.context.trace_id:032x}"
@@ -1245,7 +1248,7 @@ async def test_a_and_b_in_separate_processes_share_one_trace_on_the_console(
     assert b_span["attributes"]["learnmesh.request_id"] == "req-two-processes"
     access = [
         line
-        for line in (json.loads(raw) for raw in err.decode().splitlines() if raw.startswith("{"))
+        for line in (json.loads(raw) for raw in err.splitlines() if raw.startswith("{"))
         if line["logger"] == "learnmesh.access"
     ]
     assert len(access) == 1
