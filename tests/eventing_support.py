@@ -1,0 +1,80 @@
+"""The test schema of the eventing tests: one service "shop" with an orders table and its
+event tables, on a scratch SQLite or PostgreSQL database."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table
+
+from learnmesh.db import Database
+from learnmesh.eventing.tables import EventTables, create_event_tables, event_tables
+from tests.conftest import IN_CI, scratch_database
+
+NATS_URL = os.environ.get("LEARNMESH_TEST_NATS_URL", "nats://127.0.0.1:4222")
+
+metadata = MetaData()
+orders = Table(
+    "shop_orders",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("count", Integer, nullable=False, default=0),
+)
+# Where the test handlers apply their effect: one row per handled event.
+effects = Table(
+    "shop_effects",
+    metadata,
+    Column("n", Integer, primary_key=True, autoincrement=True),
+    Column("group", String(64), nullable=False),
+    Column("event_id", String(36), nullable=False),
+    Column("subject", String(64), nullable=False),
+    Column("value", String(64), nullable=False),
+)
+TABLES: EventTables = event_tables("shop", metadata)
+
+
+@asynccontextmanager
+async def shop_database(backend: str, tmp: Path) -> AsyncIterator[Database]:
+    """A Database holding the shop schema, on ``backend`` ("sqlite" or "postgres")."""
+    async with scratch_database(backend, tmp) as url:
+        db = Database(url)
+        async with db.engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+        try:
+            yield db
+        finally:
+            await db.dispose()
+
+
+async def create_schema_only(db: Database) -> None:
+    """The event tables alone, through the migrations' helper."""
+    async with db.engine.begin() as conn:
+        await conn.run_sync(create_event_tables, "other")
+
+
+async def nats_unreachable() -> str | None:
+    import nats
+
+    try:
+        nc = await nats.connect(NATS_URL, connect_timeout=2, max_reconnect_attempts=0)
+    except Exception as exc:
+        return f"NATS at {NATS_URL} unreachable ({type(exc).__name__}: {exc})"
+    try:
+        await nc.jetstream().account_info()
+    except Exception as exc:
+        return f"NATS at {NATS_URL} has no JetStream ({type(exc).__name__}: {exc})"
+    finally:
+        await nc.close()
+    return None
+
+
+async def require_nats() -> None:
+    reason = await nats_unreachable()
+    if reason:
+        if IN_CI:
+            pytest.fail(f"{reason}; CI=true requires NATS JetStream")
+        pytest.skip(reason)
