@@ -3,16 +3,20 @@ event tables, on a scratch SQLite or PostgreSQL database."""
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table
 
 from learnmesh.db import Database
+from learnmesh.eventing.bus import BusUnavailable
 from learnmesh.eventing.tables import EventTables, create_event_tables, event_tables
+from learnmesh.events.v1 import events_pb2
 from tests.conftest import IN_CI, scratch_database
 
 NATS_URL = os.environ.get("LEARNMESH_TEST_NATS_URL", "nats://127.0.0.1:4222")
@@ -78,3 +82,47 @@ async def require_nats() -> None:
         if IN_CI:
             pytest.fail(f"{reason}; CI=true requires NATS JetStream")
         pytest.skip(reason)
+
+
+class CountingBus:
+    """A real bus behind a switch: counts every publish it is asked for (duplicates
+    included) and refuses them while ``down`` (a bus that is unreachable)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.volatile = inner.volatile
+        self.down = False
+        self.calls: list[str] = []
+
+    def subject_for(self, event_type: str) -> str:
+        return str(self.inner.subject_for(event_type))
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def publish(self, subject: str, data: bytes, msg_id: str, key: str) -> None:
+        if self.down:
+            raise BusUnavailable("the test bus is down")
+        self.calls.append(msg_id)
+        await self.inner.publish(subject, data, msg_id, key)
+
+    async def subscribe(self, group: str, event_types: Sequence[str]) -> Any:
+        return await self.inner.subscribe(group, event_types)
+
+
+def decode(data: bytes) -> events_pb2.Event:
+    return events_pb2.Event.FromString(data)
+
+
+async def drain(subscription: Any, want: int, within: float = 10.0) -> list[events_pb2.Event]:
+    """Fetches and acks until ``want`` events came (or ``within`` seconds passed)."""
+    got: list[events_pb2.Event] = []
+    deadline = asyncio.get_running_loop().time() + within
+    while len(got) < want and asyncio.get_running_loop().time() < deadline:
+        for delivery in await subscription.fetch(100, 0.5):
+            got.append(decode(delivery.data))
+            await delivery.ack()
+    return got
