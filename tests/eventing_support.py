@@ -4,14 +4,16 @@ event tables, on a scratch SQLite or PostgreSQL database."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table
+from sqlalchemy import Column, Integer, MetaData, String, Table, select
 
 from learnmesh.db import Database
 from learnmesh.eventing.bus import BusUnavailable
@@ -91,6 +93,7 @@ class CountingBus:
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.volatile = inner.volatile
+        self.orders_keys = inner.orders_keys
         self.down = False
         self.calls: list[str] = []
 
@@ -126,3 +129,72 @@ async def drain(subscription: Any, want: int, within: float = 10.0) -> list[even
             got.append(decode(delivery.data))
             await delivery.ack()
     return got
+
+
+@asynccontextmanager
+async def backbone(
+    db: Database, bus: Any, handler_sets: Sequence[Any], relays: int = 1, **consumer: Any
+) -> AsyncIterator[list[Any]]:
+    """Relays of the shop outbox and one consumer per item of ``handler_sets``, running
+    until the block ends; yields the consumers."""
+    from learnmesh.eventing.consumer import Consumer
+    from learnmesh.eventing.relay import Relay
+
+    options = {"backoff_base": 0.05, "backoff_max": 0.5, "fetch_wait": 0.2, **consumer}
+    consumers = [Consumer(db, TABLES, bus, handlers, **options) for handlers in handler_sets]
+    tasks = [
+        asyncio.create_task(Relay(db, TABLES.outbox, bus, poll_interval=0.2).run())
+        for _ in range(relays)
+    ] + [asyncio.create_task(c.run()) for c in consumers]
+    try:
+        yield consumers
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def effect_rows(db: Database) -> list[Any]:
+    async with db.transaction() as s:
+        return list((await s.execute(select(effects).order_by(effects.c.n))).all())
+
+
+async def wait_for_effects(db: Database, count: int, within: float = 20.0) -> list[Any]:
+    """The effect rows once there are ``count`` (or whatever there is after ``within`` s),
+    and a moment later, so that an extra (duplicate) effect would show."""
+    deadline = asyncio.get_running_loop().time() + within
+    while asyncio.get_running_loop().time() < deadline:
+        if len(await effect_rows(db)) >= count:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    return await effect_rows(db)
+
+
+@asynccontextmanager
+async def open_bus(kind: str) -> AsyncIterator[Any]:
+    """A started bus of ``kind`` ("memory" or "jetstream"; the latter with a stream and
+    subjects of its own, deleted afterwards)."""
+    if kind == "memory":
+        from learnmesh.eventing.memory import InProcessBus
+
+        yield InProcessBus()
+        return
+    await require_nats()
+    from learnmesh.eventing.jetstream import JetStreamBus
+
+    unique = uuid.uuid4().hex[:10]
+    bus = JetStreamBus(
+        NATS_URL,
+        stream=f"TEST_{unique}",
+        subject_prefix=f"test.{unique}.events",
+        durable_prefix=f"t{unique}_",
+    )
+    await bus.start()
+    try:
+        yield bus
+    finally:
+        await bus.delete_stream()
+        await bus.close()

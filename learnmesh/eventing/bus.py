@@ -56,6 +56,10 @@ class Bus(Protocol):
     # True when the bus forgets everything with its process (the in-process bus): the
     # relay then publishes the outbox rows it still keeps again at start.
     volatile: bool
+    # True when the bus itself never hands out a message while an earlier one of its key is
+    # out with any member of the group (the in-process bus); otherwise one member of a group
+    # is active at a time (learnmesh.eventing.lease), which keeps a subject's order.
+    orders_keys: bool
 
     def subject_for(self, event_type: str) -> str: ...
 

@@ -34,7 +34,7 @@ async def record(
     group: str,
     event: events_pb2.Event,
     payload: bytes,
-    deliveries: int,
+    attempts: int,
     error: str,
 ) -> None:
     """Writes (or replaces) the group's dead letter for ``event``."""
@@ -51,7 +51,7 @@ async def record(
                 subject=event.subject,
                 payload=payload,
                 error=error,
-                deliveries=deliveries,
+                attempts=attempts,
                 failed_at=utcnow(),
             )
         )

@@ -168,6 +168,7 @@ class InProcessBus:
     """The bus of one process (see the module's docstring)."""
 
     volatile = True
+    orders_keys = True
 
     def __init__(
         self,

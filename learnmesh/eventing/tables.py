@@ -82,7 +82,8 @@ def dead_letters_table(name: str, metadata: MetaData) -> Table:
         Column("subject", String(NAME_LENGTH), nullable=False),
         Column("payload", LargeBinary, nullable=False),
         Column("error", String(ERROR_LENGTH), nullable=False),
-        Column("deliveries", Integer, nullable=False),
+        # How many times its handler failed.
+        Column("attempts", Integer, nullable=False),
         Column("failed_at", UtcDateTime, nullable=False),
     )
 
