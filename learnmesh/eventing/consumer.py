@@ -135,7 +135,8 @@ class Consumer:
         while not lost.is_set():
             try:
                 deliveries = await subscription.fetch(self.batch, self.fetch_wait)
-                if time.monotonic() - last_lag >= LAG_INTERVAL:
+                # Now and then, and whenever idle (caught up, so the bus is not busy).
+                if not deliveries or time.monotonic() - last_lag >= LAG_INTERVAL:
                     await self._measure_lag(subscription)
                     last_lag = time.monotonic()
             except (BusUnavailable, OSError) as exc:
