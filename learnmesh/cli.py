@@ -291,6 +291,61 @@ async def _reset_mfa(settings: config.Settings, email: str) -> int:
     return 0
 
 
+def _add_events(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    events = commands.add_parser("events", help="the event backbone's dead letters")
+    events_commands = events.add_subparsers(dest="events_command", required=True)
+    events_commands.add_parser("dead-letters", help="list the events consumers gave up on")
+    replay = events_commands.add_parser("replay", help="publish a dead event again")
+    replay.add_argument("event_id", help="the event's id (see dead-letters)")
+
+
+async def _events(settings: config.Settings, args: argparse.Namespace) -> int:
+    """Lists or replays the dead letters of every service whose event tables exist."""
+    from sqlalchemy import MetaData, inspect
+
+    from learnmesh.eventing import dead_letters
+    from learnmesh.eventing.tables import event_tables
+    from learnmesh.eventing.wiring import make_bus
+
+    db = Database(settings.database)
+    try:
+        async with db.engine.connect() as conn:
+            existing = set(await conn.run_sync(lambda c: inspect(c).get_table_names()))
+        services = [n for n in IMPLEMENTED if f"{n}_dead_letters" in existing]
+        found = {name: event_tables(name, MetaData()) for name in services}
+        if args.events_command == "dead-letters":
+            for name, tables in found.items():
+                for row in await dead_letters.listing(db, tables):
+                    print(
+                        f"{row.event_id}  {name}  {row.consumer_group}  {row.type}  "
+                        f"subject={row.subject}  attempts={row.attempts}  "
+                        f"at={row.failed_at.isoformat()}  {row.error}"
+                    )
+            return 0
+        if not settings.bus_url:
+            print(
+                "learnmesh: replay publishes to the bus of LEARNMESH_BUS_URL; the in-process "
+                "bus lives inside the running process and cannot be reached from here",
+                file=sys.stderr,
+            )
+            return 1
+        bus = make_bus(settings)
+        await bus.start()
+        try:
+            replayed = 0
+            for tables in found.values():
+                replayed += await dead_letters.replay(db, tables, bus, args.event_id)
+        finally:
+            await bus.close()
+    finally:
+        await db.dispose()
+    if not replayed:
+        print(f"learnmesh: no dead letter has the event id {args.event_id}", file=sys.stderr)
+        return 1
+    print(f"{args.event_id}: published again ({replayed} dead letter(s) removed)")
+    return 0
+
+
 # -------------------------------------------------------------------------------------------
 
 
@@ -332,6 +387,7 @@ def _parser() -> argparse.ArgumentParser:
     promote_parser.add_argument("email", help="the email the user registered with")
     promote_parser.add_argument("--role", required=True, choices=roles)
     _add_reset_mfa(users_commands)
+    _add_events(commands)
 
     certs_parser = commands.add_parser("certs", help="the mesh CA and its certificates")
     certs_commands = certs_parser.add_subparsers(dest="certs_command", required=True)
@@ -383,6 +439,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _promote(settings, args)
     if args.command == "users" and args.users_command == "reset-mfa":
         return asyncio.run(_reset_mfa(settings, args.email))
+    if args.command == "events":
+        return asyncio.run(_events(settings, args))
     if getattr(args, "insecure", False):
         settings = dataclasses.replace(
             settings, tls=dataclasses.replace(settings.tls, enabled=False)

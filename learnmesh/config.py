@@ -261,6 +261,33 @@ class AuthSettings:
     refusal_audit_capacity: int = field(default=1000, metadata=_check(_positive))
 
 
+def _bus_url(value: str) -> str:
+    if value and not value.startswith(("nats://", "tls://")):
+        raise ValueError("a nats:// (or tls://) URL of NATS JetStream, or empty for in-process")
+    return value
+
+
+@dataclass(frozen=True)
+class EventSettings:
+    # A consumer gives an event up (to its dead-letter table) after this many failed tries.
+    max_deliveries: int = field(default=5, metadata=_check(_positive))
+    # Redelivery after a failed try: base * 2^(tries-1) seconds, at most backoff_max.
+    backoff_base: float = field(default=1.0, metadata=_check(_positive_float))
+    backoff_max: float = field(default=60.0, metadata=_check(_positive_float))
+    # Published outbox rows are deleted this many seconds after publishing.
+    outbox_retention: float = field(default=24 * 3600.0, metadata=_check(_positive_float))
+    # The relay polls this often besides being woken by commits.
+    relay_poll_interval: float = field(default=1.0, metadata=_check(_positive_float))
+    # The relay's longest wait between tries while the bus refuses publishes.
+    relay_retry_max: float = field(default=30.0, metadata=_check(_positive_float))
+    # The bus drops a second publish of an event id within this many seconds; it must be
+    # longer than relay_retry_max.
+    duplicate_window: float = field(default=900.0, metadata=_check(_positive_float))
+    # JetStream: how long the stream keeps events, and its replicas (3 for durability).
+    stream_max_age: float = field(default=3 * 24 * 3600.0, metadata=_check(_positive_float))
+    stream_replicas: int = field(default=1, metadata=_check(_positive))
+
+
 @dataclass(frozen=True)
 class Settings:
     # Everything the embedded defaults write: SQLite file, keys, mail, certificates.
@@ -270,6 +297,8 @@ class Settings:
     log_level: str = field(default="INFO", metadata=_check(_log_level))
     redis_url: str = ""
     nats_url: str = ""
+    # Empty: the in-process bus (one process). nats://host:4222: NATS JetStream.
+    bus_url: str = field(default="", metadata=_check(_bus_url))
     # Where each service is reached (host:port, comma-separated replicas, or dns:///name:port).
     # Empty: the server's own host:port, as in `learnmesh up`.
     auth_address: str = field(default="", metadata=_check(_address))
@@ -284,6 +313,7 @@ class Settings:
     limits: LimitSettings = field(default_factory=LimitSettings)
     client: ClientSettings = field(default_factory=ClientSettings)
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
+    events: EventSettings = field(default_factory=EventSettings)
 
     @property
     def var_path(self) -> Path:
