@@ -27,7 +27,7 @@ from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n learnmesh/events/v1/events.proto\x12\x13learnmesh.events.v1\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa6\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\"\n\x04\x64\x61ta\x18\x06 \x01(\x0b\x32\x14.google.protobuf.Any\x12\x14\n\x0ctrace_parent\x18\x07 \x01(\t\"C\n\x0bUserCreated\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\"6\n\x0bUserUpdated\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63hanged_fields\x18\x02 \x03(\t\"\x1e\n\x0bUserDeleted\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"H\n\tUserLogin\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x16\n\x0e\x63lient_address\x18\x03 \x01(\t\"\x1d\n\nMfaEnabled\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"8\n\x16PasswordResetRequested\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\"H\n\rCourseCreated\x12\x11\n\tcourse_id\x18\x01 \x01(\t\x12\x15\n\rinstructor_id\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\"N\n\x11\x45nrollmentCreated\x12\x15\n\renrollment_id\x18\x01 \x01(\t\x12\x11\n\tcourse_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\"g\n\x0fProgressUpdated\x12\x11\n\tcourse_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x19\n\x11\x63ompleted_lessons\x18\x03 \x01(\x05\x12\x15\n\rtotal_lessons\x18\x04 \x01(\x05\"U\n\x0c\x46ileUploaded\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\x12\x10\n\x08owner_id\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\"0\n\x0b\x46ileDeleted\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\x12\x10\n\x08owner_id\x18\x02 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n learnmesh/events/v1/events.proto\x12\x13learnmesh.events.v1\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa6\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\"\n\x04\x64\x61ta\x18\x06 \x01(\x0b\x32\x14.google.protobuf.Any\x12\x14\n\x0ctrace_parent\x18\x07 \x01(\t\"C\n\x0bUserCreated\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\"6\n\x0bUserUpdated\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63hanged_fields\x18\x02 \x03(\t\"\x1e\n\x0bUserDeleted\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"H\n\tUserLogin\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x16\n\x0e\x63lient_address\x18\x03 \x01(\t\"\x1d\n\nMfaEnabled\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"\x8c\x01\n\x0eSessionRevoked\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x13\n\x0bsession_ids\x18\x02 \x03(\t\x12\x14\n\x0c\x61ll_sessions\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"8\n\x16PasswordResetRequested\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\"H\n\rCourseCreated\x12\x11\n\tcourse_id\x18\x01 \x01(\t\x12\x15\n\rinstructor_id\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\"N\n\x11\x45nrollmentCreated\x12\x15\n\renrollment_id\x18\x01 \x01(\t\x12\x11\n\tcourse_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\"g\n\x0fProgressUpdated\x12\x11\n\tcourse_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x19\n\x11\x63ompleted_lessons\x18\x03 \x01(\x05\x12\x15\n\rtotal_lessons\x18\x04 \x01(\x05\"U\n\x0c\x46ileUploaded\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\x12\x10\n\x08owner_id\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\"0\n\x0b\x46ileDeleted\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\x12\x10\n\x08owner_id\x18\x02 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,16 +46,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USERLOGIN']._serialized_end=515
   _globals['_MFAENABLED']._serialized_start=517
   _globals['_MFAENABLED']._serialized_end=546
-  _globals['_PASSWORDRESETREQUESTED']._serialized_start=548
-  _globals['_PASSWORDRESETREQUESTED']._serialized_end=604
-  _globals['_COURSECREATED']._serialized_start=606
-  _globals['_COURSECREATED']._serialized_end=678
-  _globals['_ENROLLMENTCREATED']._serialized_start=680
-  _globals['_ENROLLMENTCREATED']._serialized_end=758
-  _globals['_PROGRESSUPDATED']._serialized_start=760
-  _globals['_PROGRESSUPDATED']._serialized_end=863
-  _globals['_FILEUPLOADED']._serialized_start=865
-  _globals['_FILEUPLOADED']._serialized_end=950
-  _globals['_FILEDELETED']._serialized_start=952
-  _globals['_FILEDELETED']._serialized_end=1000
+  _globals['_SESSIONREVOKED']._serialized_start=549
+  _globals['_SESSIONREVOKED']._serialized_end=689
+  _globals['_PASSWORDRESETREQUESTED']._serialized_start=691
+  _globals['_PASSWORDRESETREQUESTED']._serialized_end=747
+  _globals['_COURSECREATED']._serialized_start=749
+  _globals['_COURSECREATED']._serialized_end=821
+  _globals['_ENROLLMENTCREATED']._serialized_start=823
+  _globals['_ENROLLMENTCREATED']._serialized_end=901
+  _globals['_PROGRESSUPDATED']._serialized_start=903
+  _globals['_PROGRESSUPDATED']._serialized_end=1006
+  _globals['_FILEUPLOADED']._serialized_start=1008
+  _globals['_FILEUPLOADED']._serialized_end=1093
+  _globals['_FILEDELETED']._serialized_start=1095
+  _globals['_FILEDELETED']._serialized_end=1143
 # @@protoc_insertion_point(module_scope)

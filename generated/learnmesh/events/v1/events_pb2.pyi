@@ -181,6 +181,54 @@ class MfaEnabled(_message.Message):
 Global___MfaEnabled: _TypeAlias = MfaEnabled  # noqa: Y015
 
 @_typing.final
+class SessionRevoked(_message.Message):
+    """Sessions ended before their time: a logout, a revoked session, a password reset, a reused
+    refresh token (its family), an MFA reset or the user's deletion. Every server refuses
+    the access tokens of these sessions from then on.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    SESSION_IDS_FIELD_NUMBER: _builtins.int
+    ALL_SESSIONS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    all_sessions: _builtins.bool
+    """Every session of the user that began before the event's time."""
+    reason: _builtins.str
+    """"logout", "revoked", "password_reset", "refresh_token_reused", "mfa_reset" or
+    "user_deleted".
+    """
+    @_builtins.property
+    def session_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The sessions ended; empty when all_sessions is set."""
+
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When the last access token of these sessions expires anyway: servers may forget the
+        revocation after it.
+        """
+
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        session_ids: _abc.Iterable[_builtins.str] | None = ...,
+        all_sessions: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_sessions", b"all_sessions", "expires_at", b"expires_at", "reason", b"reason", "session_ids", b"session_ids", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionRevoked: _TypeAlias = SessionRevoked  # noqa: Y015
+
+@_typing.final
 class PasswordResetRequested(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
