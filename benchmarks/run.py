@@ -46,7 +46,12 @@ SIGNED_IN = (
 )
 # benchmarks/RESULTS.md and README.md: the figures go between these markers, nothing else
 # in either file is rewritten.
-MARK_BEGIN, MARK_END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
+def markers(tag: str) -> tuple[str, str]:
+    """The comments around one benchmark's figures (``benchmarks``, ``events``, …)."""
+    return f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
+
+
+MARK_BEGIN, MARK_END = markers("benchmarks")
 RESULTS_HEAD = (
     "# Benchmark results\n\nBetween the markers: made by `python -m benchmarks.run`, which "
     "rewrites only that part; text outside them is kept.\n\n"
@@ -230,34 +235,36 @@ def report(rounds: list[Round], load: h2load.Load) -> str:
     return "\n".join(lines)
 
 
-def between_markers(content: str, text: str) -> str:
-    """``content`` with what lies between MARK_BEGIN and MARK_END replaced by ``text``;
+def between_markers(content: str, text: str, tag: str = "benchmarks") -> str:
+    """``content`` with what lies between the ``tag`` markers replaced by ``text``;
     everything outside the markers is kept as it was. ValueError unless each marker is
     there exactly once, the beginning first."""
-    if content.count(MARK_BEGIN) != 1 or content.count(MARK_END) != 1:
-        raise ValueError(f"expected one {MARK_BEGIN} and one {MARK_END}")
-    head, rest = content.split(MARK_BEGIN)
-    if MARK_END not in rest:
-        raise ValueError(f"{MARK_END} comes before {MARK_BEGIN}")
-    _, tail = rest.split(MARK_END)
-    return f"{head}{MARK_BEGIN}\n{text}\n{MARK_END}{tail}"
+    begin, end = markers(tag)
+    if content.count(begin) != 1 or content.count(end) != 1:
+        raise ValueError(f"expected one {begin} and one {end}")
+    head, rest = content.split(begin)
+    if end not in rest:
+        raise ValueError(f"{end} comes before {begin}")
+    _, tail = rest.split(end)
+    return f"{head}{begin}\n{text}\n{end}{tail}"
 
 
-def write(text: str, root: Path = ROOT) -> None:
+def write(text: str, root: Path = ROOT, tag: str = "benchmarks") -> None:
     """Puts ``text`` between the markers of benchmarks/RESULTS.md (made with them when
     missing, the marked section added at its end when it has none) and of README.md (left
     alone without them); nothing outside the markers is touched, and neither file is
     written when either one's markers are broken."""
     results, readme = root / "benchmarks" / "RESULTS.md", root / "README.md"
+    begin, end = markers(tag)
     content = results.read_text() if results.exists() else RESULTS_HEAD
-    if MARK_BEGIN not in content and MARK_END not in content:
-        content = f"{content.rstrip()}\n\n{MARK_BEGIN}\n{MARK_END}\n"
-    updates = {results: between_markers(content, text)}
+    if begin not in content and end not in content:
+        content = f"{content.rstrip()}\n\n{begin}\n{end}\n"
+    updates = {results: between_markers(content, text, tag)}
     content = readme.read_text()
-    if MARK_BEGIN in content or MARK_END in content:
-        updates[readme] = between_markers(content, text)
+    if begin in content or end in content:
+        updates[readme] = between_markers(content, text, tag)
     else:
-        print(f"README.md has no {MARK_BEGIN} … {MARK_END}: not updated", file=sys.stderr)
+        print(f"README.md has no {begin} … {end}: not updated", file=sys.stderr)
     for path, updated in updates.items():
         path.write_text(updated)
 

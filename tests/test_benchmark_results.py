@@ -77,3 +77,13 @@ def test_the_repositorys_files_have_their_markers() -> None:
     root = Path(__file__).resolve().parent.parent
     for path in (root / "benchmarks" / "RESULTS.md", root / "README.md"):
         between_markers(path.read_text(), NEW)  # ValueError unless one pair, in order
+
+
+def test_each_benchmark_rewrites_only_its_own_markers() -> None:
+    events = "<!-- events:begin -->\nold\n<!-- events:end -->\n"
+    content = f"{MARK_BEGIN}\nchain figures\n{MARK_END}\n{events}"
+    found = between_markers(content, "event figures", tag="events")
+    assert found == (
+        f"{MARK_BEGIN}\nchain figures\n{MARK_END}\n"
+        "<!-- events:begin -->\nevent figures\n<!-- events:end -->\n"
+    )
