@@ -135,7 +135,7 @@ async def _serve(
                     settings.server.admin_host,
                     settings.server.admin_port,
                     server.health,
-                    {"database": runtime.db.ping},
+                    {"database": runtime.db.ping, "bus": runtime.bus.ping},
                     reuse_port=reuse_port,
                     limits=limits,
                 )

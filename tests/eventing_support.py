@@ -106,6 +106,11 @@ class CountingBus:
     async def close(self) -> None:
         await self.inner.close()
 
+    async def ping(self) -> None:
+        if self.down:
+            raise BusUnavailable("the test bus is down")
+        await self.inner.ping()
+
     async def publish(self, subject: str, data: bytes, msg_id: str, key: str) -> None:
         if self.down:
             raise BusUnavailable("the test bus is down")
