@@ -26,4 +26,5 @@ SERVICE = ServiceDefinition(
     create=_create,
     migrations=Path(__file__).resolve().parent / "migrations",
     audit_table="auth_audit",
+    event_tables="auth",
 )

@@ -33,6 +33,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from learnmesh.audit import audit_table
 from learnmesh.db import UtcDateTime, utcnow
+from learnmesh.eventing.tables import event_tables
 
 PENDING = "pending"
 ACTIVE = "active"
@@ -146,6 +147,8 @@ class LoginAttempt(Base):
 
 
 audit = audit_table("auth_audit", Base.metadata)
+# Its outbox, processed events and dead letters (migration 0004).
+events = event_tables("auth", Base.metadata)
 
 
 # --- credentials -------------------------------------------------------------------------
