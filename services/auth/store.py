@@ -325,21 +325,25 @@ async def session_by_id(session: AsyncSession, session_id: str) -> Session | Non
 
 async def revoke_sessions(
     session: AsyncSession, user_id: str, reason: str, *, session_ids: Sequence[str] | None = None
-) -> list[str]:
-    """Revokes the user's live sessions (or those of ``session_ids``); returns their ids."""
+) -> dict[str, datetime]:
+    """Revokes the user's live sessions (or those of ``session_ids``); returns when each
+    revoked one last had an access token issued (its ``last_used_at``), by id."""
     condition = [Session.user_id == user_id, Session.revoked_at.is_(None)]
     if session_ids is not None:
         if not session_ids:
-            return []
+            return {}
         condition.append(Session.id.in_(list(session_ids)))
-    ids = list((await session.scalars(select(Session.id).where(*condition))).all())
-    if ids:
+    found = (
+        await session.execute(select(Session.id, Session.last_used_at).where(*condition))
+    ).all()
+    revoked = {session_id: last_used for session_id, last_used in found}
+    if revoked:
         await session.execute(
             update(Session)
-            .where(Session.id.in_(ids), Session.revoked_at.is_(None))
+            .where(Session.id.in_(list(revoked)), Session.revoked_at.is_(None))
             .values(revoked_at=utcnow(), revoke_reason=reason)
         )
-    return ids
+    return revoked
 
 
 async def live_sessions(session: AsyncSession, user_id: str) -> list[Session]:
