@@ -356,6 +356,22 @@ async def live_sessions(session: AsyncSession, user_id: str) -> list[Session]:
     return list(rows.all())
 
 
+async def forget_user(session: AsyncSession, user_id: str) -> list[datetime]:
+    """Deletes the user's credentials, sessions and their refresh tokens, MFA secret,
+    recovery codes and reset tokens (the audit trail stays); returns when each deleted
+    session last had an access token issued."""
+    sessions = select(Session.id).where(Session.user_id == user_id)
+    issued = list(
+        (
+            await session.scalars(select(Session.last_used_at).where(Session.user_id == user_id))
+        ).all()
+    )
+    await session.execute(delete(RefreshToken).where(RefreshToken.session_id.in_(sessions)))
+    for table in (Session, Mfa, RecoveryCode, PasswordReset, Credentials):
+        await session.execute(delete(table).where(table.user_id == user_id))
+    return issued
+
+
 # --- MFA ----------------------------------------------------------------------------------
 
 

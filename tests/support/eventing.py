@@ -179,6 +179,29 @@ async def wait_for_effects(db: Database, count: int, within: float = 20.0) -> li
 
 
 @asynccontextmanager
+async def mesh_bus(kind: str) -> AsyncIterator[Any]:
+    """A bus of ``kind`` for a mesh to start and close (``running_mesh(bus=…)``): the
+    in-process one, or JetStream on a stream and subjects of its own, deleted afterwards."""
+    if kind == "memory":
+        from learnmesh.eventing.memory import InProcessBus
+
+        yield InProcessBus()
+        return
+    await require_nats()
+    from learnmesh.eventing.jetstream import JetStreamBus
+
+    unique = uuid.uuid4().hex[:10]
+    stream, prefix = f"TEST_{unique}", f"test.{unique}.events"
+    yield JetStreamBus(NATS_URL, stream=stream, subject_prefix=prefix, durable_prefix=f"t{unique}_")
+    cleaner = JetStreamBus(NATS_URL, stream=stream, subject_prefix=prefix)
+    await cleaner.start()
+    try:
+        await cleaner.delete_stream()
+    finally:
+        await cleaner.close()
+
+
+@asynccontextmanager
 async def open_bus(kind: str) -> AsyncIterator[Any]:
     """A started bus of ``kind`` ("memory" or "jetstream"; the latter with a stream and
     subjects of its own, deleted afterwards)."""
