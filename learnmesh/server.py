@@ -38,7 +38,7 @@ from learnmesh.eventing.tables import event_tables
 from learnmesh.eventing.wiring import make_bus, make_consumer, make_relay
 from learnmesh.kernel.refusals import RefusalHook
 from learnmesh.kernel.tokens import JwksCache, JwksFetch, TokenVerifier
-from learnmesh.service import Runtime, ServiceDefinition
+from learnmesh.service import IMPLEMENTED, Runtime, ServiceDefinition
 
 log = logging.getLogger("learnmesh.server")
 
@@ -190,6 +190,11 @@ class EventWork:
         """Starts the bus, then a relay per service with event tables and a consumer per
         group it consumes (the bus refusing to start stops the process's start)."""
         settings, db = runtime.settings, runtime.db
+        if runtime.bus.volatile and {d.name for d in definitions} != set(IMPLEMENTED):
+            log.warning(
+                "the in-process bus carries events between the services of this process "
+                "only; services in other processes need LEARNMESH_BUS_URL (NATS JetStream)"
+            )
         await runtime.bus.start()
         work = cls(runtime.bus)
         for definition in definitions:
