@@ -91,7 +91,7 @@ async def test_a_user_deleted_committed_before_a_sigkill_is_applied_once_after_r
         ) == [(1,)]
         await auth.stop()
     (event_id,) = [
-        row[0]
+        str(row[0])
         for row in query(
             tmp_path,
             "SELECT id FROM user_outbox WHERE subject = ? AND type = 'user.deleted'",
