@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from grpc import aio
@@ -175,13 +175,29 @@ def server_links(
     return [make() for kind, make in makers if only is None or kind in only]
 
 
+# Seconds the relays and consumers get to end the step under way at stop; then cancelled.
+EVENTS_STOP_SECONDS = 10.0
+
+
+class _Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+@dataclass
+class _Running:
+    """A relay or a consumer, and the task running it."""
+
+    part: _Stoppable
+    task: asyncio.Task[None]
+
+
 @dataclass
 class EventWork:
     """The relays and consumers a process runs for its services, on its one bus."""
 
     bus: Bus
-    relays: list[asyncio.Task[None]] = field(default_factory=list)
-    consumers: list[asyncio.Task[None]] = field(default_factory=list)
+    relays: list[_Running] = field(default_factory=list)
+    consumers: list[_Running] = field(default_factory=list)
 
     @classmethod
     async def start(
@@ -202,32 +218,47 @@ class EventWork:
                 continue
             tables = event_tables(definition.event_tables, MetaData())
             relay = make_relay(settings, db, tables.outbox, runtime.bus)
-            work.relays.append(asyncio.create_task(relay.run(), name=f"relay {tables.outbox}"))
+            work.relays.append(_running(relay, relay.run(), f"relay of {tables.outbox.name}"))
             handlers = definition.consumes(servicers[definition.name])
             if handlers is not None:
                 consumer = make_consumer(settings, db, tables, runtime.bus, handlers)
-                task = asyncio.create_task(consumer.run(), name=f"consumer {handlers.group}")
-                work.consumers.append(task)
+                work.consumers.append(
+                    _running(consumer, consumer.run(), f"consumer {handlers.group}")
+                )
         return work
 
     async def stop_consumers(self) -> None:
-        await _cancel(self.consumers)
+        await _stop(self.consumers)
 
     async def stop_relays(self) -> None:
-        await _cancel(self.relays)
+        await _stop(self.relays)
 
 
-async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
-    """Cancels ``tasks`` and waits for them; one that had failed is logged, not raised."""
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            try:
-                await task
-            except Exception:
-                log.exception("%s had failed", task.get_name())
-    tasks.clear()
+def _running(part: _Stoppable, work: Coroutine[Any, Any, None], name: str) -> _Running:
+    """Runs ``work`` in a task; one that ends by itself with an error is logged."""
+    task = asyncio.create_task(work, name=name)
+
+    def ended(done: asyncio.Task[None]) -> None:
+        if not done.cancelled() and done.exception() is not None:
+            log.error("%s stopped", name, exc_info=done.exception())
+
+    task.add_done_callback(ended)
+    return _Running(part, task)
+
+
+async def _stop(running: list[_Running]) -> None:
+    """Asks each part to stop after its step under way (aiosqlite does not survive a query
+    cancelled halfway), and cancels what is still running after EVENTS_STOP_SECONDS."""
+    for each in running:
+        each.part.stop()
+    tasks = [each.task for each in running]
+    if tasks:
+        _, late = await asyncio.wait(tasks, timeout=EVENTS_STOP_SECONDS)
+        for task in late:
+            log.warning("%s did not stop in time; cancelled", task.get_name())
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    running.clear()
 
 
 @dataclass

@@ -264,9 +264,10 @@ async def test_close_stops_consumers_relays_and_the_bus_before_the_database(
         work = mesh.server.events
         assert work is not None
         assert len(work.relays) == 2 and len(work.consumers) == 1  # auth and user; auth's
-        tasks = [*work.relays, *work.consumers]
+        tasks = [each.task for each in [*work.relays, *work.consumers]]
         await mesh.server.stop(0)
-        assert all(task.done() for task in tasks)
+        # Each ended its step and returned: none was cancelled halfway.
+        assert all(task.done() and not task.cancelled() for task in tasks)
         assert work.relays == [] and work.consumers == []
         bus: Any = mesh.runtime.bus
         assert bus._nc is None  # closed
