@@ -293,3 +293,34 @@ async def test_a_bus_that_cannot_start_stops_the_start(tmp_path: Path) -> None:
                 )
         finally:
             await runtime.close()
+
+
+@pytest.mark.parametrize(("backend", "bus_kind"), [("sqlite", "memory"), ("postgres", "jetstream")])
+async def test_concurrent_deletions_are_each_applied_once(
+    backend: str, bus_kind: str, tmp_path: Path
+) -> None:
+    async with mesh_on(backend, bus_kind, tmp_path) as mesh:
+        emails = [new_email(f"many{i}") for i in range(8)]
+        accounts = await asyncio.gather(*(mesh.register(e) for e in emails))
+        await asyncio.gather(
+            *(
+                mesh.user.DeleteUser(
+                    user_pb2.DeleteUserRequest(user_id=a.user.id), metadata=bearer(a.access_token)
+                )
+                for a in accounts
+            )
+        )
+
+        async def all_forgotten() -> bool:
+            counts = await asyncio.gather(*(rows_of(mesh, a.user.id) for a in accounts))
+            return all(set(c.values()) == {0} for c in counts)
+
+        await wait_until(all_forgotten)
+        again = await asyncio.gather(*(mesh.register(e) for e in emails))
+        assert {a.user.email for a in again} == set(emails)
+        async with mesh.runtime.db.transaction() as session:
+            forgotten = await session.scalar(
+                text("SELECT count(*) FROM auth_audit WHERE event = 'account.forgotten'")
+            )
+            applied = await session.scalar(text("SELECT count(*) FROM auth_processed_events"))
+        assert (forgotten, applied) == (len(emails), len(emails))
