@@ -135,7 +135,7 @@ async def _serve(
                     settings.server.admin_host,
                     settings.server.admin_port,
                     server.health,
-                    {"database": runtime.db.ping},
+                    {"database": runtime.db.ping, "bus": runtime.bus.ping},
                     reuse_port=reuse_port,
                     limits=limits,
                 )
@@ -279,7 +279,9 @@ async def _reset_mfa(settings: config.Settings, email: str) -> int:
         auth = definition("auth")
         if auth.migrations is not None:
             await db.migrate(auth.name, auth.migrations)
-        found = await reset_mfa_by_email(db, email, getpass.getuser())
+        found = await reset_mfa_by_email(
+            db, email, getpass.getuser(), access_ttl=settings.auth.access_token_ttl
+        )
     finally:
         await db.dispose()
     if found is None:

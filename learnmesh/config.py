@@ -296,7 +296,6 @@ class Settings:
     database_url: str = field(default="", metadata=_check(_database_url))
     log_level: str = field(default="INFO", metadata=_check(_log_level))
     redis_url: str = ""
-    nats_url: str = ""
     # Empty: the in-process bus (one process). nats://host:4222: NATS JetStream.
     bus_url: str = field(default="", metadata=_check(_bus_url))
     # Where each service is reached (host:port, comma-separated replicas, or dns:///name:port).

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from grpc import aio
@@ -32,9 +33,12 @@ from learnmesh.auth.v1 import auth_pb2
 from learnmesh.client import ClientFactory
 from learnmesh.config import Settings
 from learnmesh.db import Database
+from learnmesh.eventing.bus import Bus
+from learnmesh.eventing.tables import event_tables
+from learnmesh.eventing.wiring import make_bus, make_consumer, make_relay
 from learnmesh.kernel.refusals import RefusalHook
 from learnmesh.kernel.tokens import JwksCache, JwksFetch, TokenVerifier
-from learnmesh.service import Runtime, ServiceDefinition
+from learnmesh.service import IMPLEMENTED, Runtime, ServiceDefinition
 
 log = logging.getLogger("learnmesh.server")
 
@@ -45,12 +49,14 @@ def build_runtime(
     """The process runtime, and server credentials when mTLS is on (``identity`` names the
     certificate the server presents; each service's outbound calls present its own)."""
     db = Database(settings.database)
+    bus = make_bus(settings)
     if not settings.tls.enabled:
-        return Runtime(settings, db, ClientFactory(settings)), None
+        return Runtime(settings, db, ClientFactory(settings), bus), None
     runtime = Runtime(
         settings,
         db,
         ClientFactory(settings, credentials=tls.channel_credentials(settings, identity)),
+        bus,
         identity=lambda name: tls.channel_credentials(settings, name),
     )
     return runtime, tls.server_credentials(settings, identity)
@@ -169,6 +175,92 @@ def server_links(
     return [make() for kind, make in makers if only is None or kind in only]
 
 
+# Seconds the relays and consumers get to end the step under way at stop; then cancelled.
+EVENTS_STOP_SECONDS = 10.0
+
+
+class _Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+@dataclass
+class _Running:
+    """A relay or a consumer, and the task running it."""
+
+    part: _Stoppable
+    task: asyncio.Task[None]
+
+
+@dataclass
+class EventWork:
+    """The relays and consumers a process runs for its services, on its one bus."""
+
+    bus: Bus
+    relays: list[_Running] = field(default_factory=list)
+    consumers: list[_Running] = field(default_factory=list)
+
+    @classmethod
+    async def start(
+        cls, runtime: Runtime, definitions: Sequence[ServiceDefinition], servicers: dict[str, Any]
+    ) -> EventWork:
+        """Starts the bus, then a relay per service with event tables and a consumer per
+        group it consumes (the bus refusing to start stops the process's start)."""
+        settings, db = runtime.settings, runtime.db
+        if runtime.bus.volatile and {d.name for d in definitions} != set(IMPLEMENTED):
+            log.warning(
+                "the in-process bus carries events between the services of this process "
+                "only; services in other processes need LEARNMESH_BUS_URL (NATS JetStream)"
+            )
+        await runtime.bus.start()
+        work = cls(runtime.bus)
+        for definition in definitions:
+            if not definition.event_tables:
+                continue
+            tables = event_tables(definition.event_tables, MetaData())
+            relay = make_relay(settings, db, tables.outbox, runtime.bus)
+            work.relays.append(_running(relay, relay.run(), f"relay of {tables.outbox.name}"))
+            handlers = definition.consumes(servicers[definition.name])
+            if handlers is not None:
+                consumer = make_consumer(settings, db, tables, runtime.bus, handlers)
+                work.consumers.append(
+                    _running(consumer, consumer.run(), f"consumer {handlers.group}")
+                )
+        return work
+
+    async def stop_consumers(self) -> None:
+        await _stop(self.consumers)
+
+    async def stop_relays(self) -> None:
+        await _stop(self.relays)
+
+
+def _running(part: _Stoppable, work: Coroutine[Any, Any, None], name: str) -> _Running:
+    """Runs ``work`` in a task; one that ends by itself with an error is logged."""
+    task = asyncio.create_task(work, name=name)
+
+    def ended(done: asyncio.Task[None]) -> None:
+        if not done.cancelled() and done.exception() is not None:
+            log.error("%s stopped", name, exc_info=done.exception())
+
+    task.add_done_callback(ended)
+    return _Running(part, task)
+
+
+async def _stop(running: list[_Running]) -> None:
+    """Asks each part to stop after its step under way (aiosqlite does not survive a query
+    cancelled halfway), and cancels what is still running after EVENTS_STOP_SECONDS."""
+    for each in running:
+        each.part.stop()
+    tasks = [each.task for each in running]
+    if tasks:
+        _, late = await asyncio.wait(tasks, timeout=EVENTS_STOP_SECONDS)
+        for task in late:
+            log.warning("%s did not stop in time; cancelled", task.get_name())
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    running.clear()
+
+
 @dataclass
 class MeshServer:
     """A started server and what it serves."""
@@ -181,6 +273,7 @@ class MeshServer:
     servicers: dict[str, Any] = field(default_factory=dict)
     links: list[ServerLink] = field(default_factory=list)
     refusals: RefusalTrail | None = None
+    events: EventWork | None = None
 
     @property
     def address(self) -> str:
@@ -193,17 +286,26 @@ class MeshServer:
         await self.server.stop(grace)
 
     async def aclose(self) -> None:
-        """Closes the servicers, then the links (the reverse of their making); every part
-        is closed even when one before it fails, and the first failure is raised."""
+        """Stops the consumers, closes the servicers, then the links (the reverse of their
+        making), stops the relays and closes the bus; every part is closed even when one
+        before it fails, and the first failure is raised. All before the runtime closes
+        the database."""
         async with contextlib.AsyncExitStack() as parts:
             if self.refusals is not None:
                 # Last, after the links that feed it, and before the runtime closes the
                 # database it writes to.
                 parts.push_async_callback(self.refusals.aclose)
+            if self.events is not None:
+                parts.push_async_callback(self.events.bus.close)
+                # What is committed until here stays in the outbox for the next start.
+                parts.push_async_callback(self.events.stop_relays)
             for part in [*self.links, *self.servicers.values()]:
                 close = getattr(part, "aclose", None)
                 if close is not None:
                     parts.push_async_callback(close)
+            if self.events is not None:
+                # First: no handler runs on a servicer being closed.
+                parts.push_async_callback(self.events.stop_consumers)
 
     async def stop(self, grace: float | None = 5.0) -> None:
         await self.drain(grace)
@@ -220,7 +322,8 @@ async def start_server(
     reuse_port: bool = False,
 ) -> MeshServer:
     """Migrates, builds and starts ``definitions`` on ``host:port`` (0 picks a free port),
-    with mTLS when ``credentials`` are given."""
+    with mTLS when ``credentials`` are given; starts the runtime's bus and the services'
+    relays and consumers before health turns SERVING."""
     for definition in definitions:
         if definition.migrations is not None:
             await runtime.db.migrate(definition.name, definition.migrations)
@@ -260,6 +363,14 @@ async def start_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, chained)
     names = [d.full_name for d in definitions]
     reflection.enable([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name], chained)
+    mesh = MeshServer(
+        server, health_servicer, bound, host, list(definitions), servicers, links, refusals
+    )
+    try:
+        mesh.events = await EventWork.start(runtime, definitions, servicers)
+    except BaseException:
+        await mesh.stop(0)
+        raise
     await server.start()
     refusals.start()
     for link in links:
@@ -268,6 +379,4 @@ async def start_server(
             start()  # e.g. the auth link fetching the signing keys before the first call
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return MeshServer(
-        server, health_servicer, bound, host, list(definitions), servicers, links, refusals
-    )
+    return mesh

@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     from learnmesh.client import ClientFactory
     from learnmesh.config import Settings
     from learnmesh.db import Database
+    from learnmesh.eventing.bus import Bus
+    from learnmesh.eventing.handlers import Handlers
 
 # Services with an implementation, by short name. Course, file and notification exist as
 # protos only so far.
@@ -28,6 +30,9 @@ class Runtime:
     settings: Settings
     db: Database
     clients: ClientFactory
+    # The process's one event bus (learnmesh.eventing.wiring.make_bus), shared by its
+    # services' relays and consumers; started and closed by the server (MeshServer).
+    bus: Bus
     # With mTLS: the certificate each service presents on its outbound calls, by name.
     identity: Callable[[str], grpc.ChannelCredentials] | None = None
     _children: list[ClientFactory] = field(default_factory=list)
@@ -45,10 +50,10 @@ class Runtime:
             local_address=self.clients.local_address,
         )
         self._children.append(clients)
-        return Runtime(self.settings, self.db, clients)
+        return Runtime(self.settings, self.db, clients, self.bus)
 
     async def close(self) -> None:
-        """Closes every channel and the database."""
+        """Closes every channel and the database (the bus is the server's to close)."""
         for clients in [self.clients, *self._children]:
             await clients.close()
         await self.db.dispose()
@@ -68,6 +73,13 @@ class ServiceDefinition:
     # The service's audit table (``learnmesh.audit.audit_table``), where the server also
     # records the calls of its methods the chain refused; "" for a service keeping none.
     audit_table: str = ""
+    # The prefix of the service's event tables (``learnmesh.eventing.tables``: "<prefix>_outbox"
+    # and its processed and dead-letter tables, made by its migrations), whose outbox the
+    # server relays; "" for a service that emits and consumes nothing.
+    event_tables: str = ""
+    # The events the service consumes, from its built servicer (the runtime runs their
+    # consumers); None for a service consuming none.
+    consumes: Callable[[Any], Handlers | None] = field(default=lambda _servicer: None)
 
 
 def definition(name: str) -> ServiceDefinition:

@@ -21,6 +21,7 @@ from grpc import aio
 
 from learnmesh import cli, config, tls
 from learnmesh.auth.v1 import auth_pb2, auth_pb2_grpc
+from learnmesh.eventing.bus import Bus
 from learnmesh.server import MeshServer, build_runtime, start_server
 from learnmesh.service import Runtime, definition
 from learnmesh.user.v1 import user_pb2_grpc
@@ -175,11 +176,14 @@ class Mesh:
 
 @asynccontextmanager
 async def running_mesh(
-    settings: config.Settings, services: Sequence[str] = ("auth", "user")
+    settings: config.Settings, services: Sequence[str] = ("auth", "user"), bus: Bus | None = None
 ) -> AsyncIterator[Mesh]:
     """Starts ``services`` in this process on an ephemeral port, as `learnmesh up` does
-    (mTLS when settings.tls.enabled); stops them afterwards."""
+    (mTLS when settings.tls.enabled); stops them afterwards. ``bus`` (not started) replaces
+    the one the settings choose, e.g. a JetStream bus on a stream of the test's own."""
     runtime, credentials = build_runtime(settings, "mesh")
+    if bus is not None:
+        runtime.bus = bus
     server = await start_server(
         runtime,
         [definition(name) for name in services],

@@ -19,7 +19,7 @@ from learnmesh.eventing.handlers import Handlers
 from learnmesh.eventing.outbox import emit
 from learnmesh.eventing.relay import Relay
 from learnmesh.events.v1 import events_pb2
-from tests.eventing_support import (
+from tests.support.eventing import (
     TABLES,
     CountingBus,
     backbone,
@@ -240,7 +240,7 @@ async def test_a_producer_killed_before_its_relay_ran_loses_and_duplicates_nothi
     producer = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "tests.eventing_producer",
+        "tests.support.eventing_producer",
         db.url.render_as_string(hide_password=False),
         "100000",
         "5",

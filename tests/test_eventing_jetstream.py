@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from learnmesh.eventing.jetstream import JetStreamBus
 from learnmesh.eventing.relay import Relay
 from tests.conftest import IN_CI
-from tests.eventing_support import (
+from tests.support.eventing import (
     NATS_URL,
     TABLES,
     backbone,
@@ -155,7 +155,7 @@ async def test_a_service_killed_while_nats_is_down_loses_and_duplicates_nothing(
             producer = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "tests.eventing_producer",
+                "tests.support.eventing_producer",
                 db.url.render_as_string(hide_password=False),
                 "100000",
                 "5",

@@ -9,7 +9,7 @@ from prometheus_client import REGISTRY
 from learnmesh.eventing import dead_letters
 from learnmesh.eventing.memory import InProcessBus
 from learnmesh.eventing.relay import Relay
-from tests.eventing_support import TABLES, backbone, shop_database, wait_for_effects
+from tests.support.eventing import TABLES, backbone, shop_database, wait_for_effects
 from tests.test_eventing_consumer import emit_update, recording
 
 

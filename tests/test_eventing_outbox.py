@@ -11,7 +11,7 @@ from sqlalchemy import func, insert, select
 
 from learnmesh.eventing.outbox import emit, notify_channel, stop_waking, wake_on_commit
 from learnmesh.events.v1 import events_pb2
-from tests.eventing_support import TABLES, create_schema_only, orders, shop_database
+from tests.support.eventing import TABLES, create_schema_only, orders, shop_database
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

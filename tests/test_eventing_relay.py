@@ -16,7 +16,7 @@ from learnmesh.eventing.memory import InProcessBus
 from learnmesh.eventing.outbox import emit
 from learnmesh.eventing.relay import Relay
 from learnmesh.events.v1 import events_pb2
-from tests.eventing_support import TABLES, CountingBus, drain, shop_database
+from tests.support.eventing import TABLES, CountingBus, drain, shop_database
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -162,7 +162,7 @@ async def test_postgres_wakes_on_a_commit_of_another_process(tmp_path):
             producer = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "tests.eventing_producer",
+                "tests.support.eventing_producer",
                 db.url.render_as_string(hide_password=False),
                 "1",
                 stdout=asyncio.subprocess.PIPE,

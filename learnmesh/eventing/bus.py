@@ -67,6 +67,10 @@ class Bus(Protocol):
 
     async def close(self) -> None: ...
 
+    async def ping(self) -> None:
+        """Returns when the bus answers (the admin port's /readyz); raises otherwise."""
+        ...
+
     async def publish(self, subject: str, data: bytes, msg_id: str, key: str) -> None:
         """Returns once the bus holds the message; raises BusUnavailable otherwise."""
         ...

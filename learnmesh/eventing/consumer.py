@@ -101,23 +101,34 @@ class Consumer:
         self.line_timeout = line_timeout
         # Failed attempts of events not yet applied nor given up, oldest first.
         self._failures: OrderedDict[str, int] = OrderedDict()
+        self._stopping = asyncio.Event()
 
     def backoff(self, deliveries: int) -> float:
         """The redelivery delay after the ``deliveries``-th delivery failed."""
         return float(min(self.backoff_max, self.backoff_base * 2 ** (deliveries - 1)))
 
     async def run(self) -> None:
+        """Consumes until ``stop`` (or until cancelled)."""
         subscription = await self._subscribe()
+        if subscription is None:
+            return
         if self.bus.orders_keys:
-            await self._consume(subscription, asyncio.Event())
-        while True:
+            await self._consume(subscription, self._stopping)
+            return
+        while not self._stopping.is_set():
             async with active_member(self.db, self.group, retry=self.fetch_wait) as lost:
                 await self._consume(subscription, lost)
-            log.warning("consumer %s lost its active-member lock; waiting for it", self.group)
+            if not self._stopping.is_set():
+                log.warning("consumer %s lost its active-member lock; waiting for it", self.group)
 
-    async def _subscribe(self) -> Subscription:
+    def stop(self) -> None:
+        """Ends ``run`` once the batch under way is applied (within ``fetch_wait`` when
+        idle): no handler's transaction is cancelled halfway."""
+        self._stopping.set()
+
+    async def _subscribe(self) -> Subscription | None:
         failures = 0
-        while True:
+        while not self._stopping.is_set():
             try:
                 return await self.bus.subscribe(self.group, self.handlers.event_types)
             except (BusUnavailable, OSError) as exc:
@@ -126,13 +137,19 @@ class Consumer:
                 log.warning(
                     "consumer %s cannot subscribe: %s; again in %.1fs", self.group, exc, delay
                 )
-                await asyncio.sleep(delay)
+                await self._pause(delay)
+        return None
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleeps ``seconds``, or less when stopped meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
 
     async def _consume(self, subscription: Subscription, lost: asyncio.Event) -> None:
         """Fetches and applies until ``lost`` is set."""
         failures = 0
         last_lag = 0.0
-        while not lost.is_set():
+        while not lost.is_set() and not self._stopping.is_set():
             try:
                 deliveries = await subscription.fetch(self.batch, self.fetch_wait)
                 # Now and then, and whenever idle (caught up, so the bus is not busy).
@@ -143,7 +160,7 @@ class Consumer:
                 failures += 1
                 delay = self.backoff(failures)
                 log.warning("consumer %s cannot fetch: %s; again in %.1fs", self.group, exc, delay)
-                await asyncio.sleep(delay)
+                await self._pause(delay)
                 continue
             failures = 0
             await self.process(deliveries)

@@ -210,6 +210,13 @@ class JetStreamBus:
             await self._nc.close()
         self._nc = self._js = None
 
+    async def ping(self) -> None:
+        """A round trip to JetStream: the stream's info (raises BusUnavailable)."""
+        try:
+            await self.js.stream_info(self.stream)
+        except _NATS_ERRORS as exc:
+            raise BusUnavailable(f"NATS JetStream at {self.url}: {exc}") from exc
+
     async def delete_stream(self) -> None:
         """Deletes the stream and its consumers (tests, and an operator starting over)."""
         await self.js.delete_stream(self.stream)

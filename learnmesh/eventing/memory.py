@@ -196,6 +196,9 @@ class InProcessBus:
     async def close(self) -> None:
         return None
 
+    async def ping(self) -> None:
+        return None  # it lives in this process: up as long as the process is
+
     def _forget_old(self, now: float) -> None:
         horizon = now - self.duplicate_window
         while self._seen and next(iter(self._seen.values())) < horizon:

@@ -71,16 +71,25 @@ class Relay:
         self.retry_max = retry_max
         self.purge_interval = purge_interval
         self._lock_key = f"learnmesh.relay:{table.name}"
+        self._stopping = asyncio.Event()
+        self._waiter: asyncio.Event | None = None
+
+    def stop(self) -> None:
+        """Ends ``run`` after the round under way: no query is cancelled halfway."""
+        self._stopping.set()
+        if self._waiter is not None:
+            self._waiter.set()
 
     async def run(self) -> None:
-        waiter = wake_on_commit(self.table.name)
+        """Relays until ``stop`` (or until cancelled)."""
+        waiter = self._waiter = wake_on_commit(self.table.name)
         listener = asyncio.create_task(self._listen(waiter)) if self.db.is_postgres else None
         failures = 0
         last_purge = 0.0
         loop = asyncio.get_running_loop()
         republished = not self.bus.volatile
         try:
-            while True:
+            while not self._stopping.is_set():
                 waiter.clear()
                 try:
                     if not republished:
@@ -95,7 +104,8 @@ class Relay:
                     failures += 1
                     delay = min(self.retry_max, self.retry_base * 2 ** (failures - 1))
                     log.warning("relay of %s: %s; next try in %.1fs", self.table.name, exc, delay)
-                    await asyncio.sleep(delay)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), delay)
                     continue
                 failures = 0
                 if published >= self.batch:

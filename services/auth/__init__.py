@@ -7,16 +7,24 @@ service is built.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from learnmesh.auth.v1 import auth_pb2_grpc
 from learnmesh.service import Runtime, ServiceDefinition
+
+if TYPE_CHECKING:
+    from learnmesh.eventing.handlers import Handlers
 
 
 async def _create(runtime: Runtime) -> Any:
     from services.auth.servicer import create
 
     return await create(runtime)
+
+
+def _consumes(servicer: Any) -> Handlers:
+    handlers: Handlers = servicer.rules.consumes
+    return handlers
 
 
 SERVICE = ServiceDefinition(
@@ -26,4 +34,6 @@ SERVICE = ServiceDefinition(
     create=_create,
     migrations=Path(__file__).resolve().parent / "migrations",
     audit_table="auth_audit",
+    event_tables="auth",
+    consumes=_consumes,
 )

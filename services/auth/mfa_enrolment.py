@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from learnmesh import audit
+from learnmesh.eventing.outbox import emit
+from learnmesh.events.v1 import events_pb2
 from learnmesh.kernel import principal
 from learnmesh.kernel.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from services.auth import mfa, store
@@ -40,12 +42,14 @@ class MfaReset:
     revoked_sessions: int
 
 
-async def reset_mfa(session: AsyncSession, user_id: str, *, actor: str, via: str) -> MfaReset:
+async def reset_mfa(
+    session: AsyncSession, user_id: str, *, actor: str, via: str, access_ttl: int
+) -> MfaReset:
     """Removes the user's MFA and recovery codes and ends every session, audited as
     ``mfa.reset`` by ``actor`` (in ``session``'s transaction). Shared by ResetMfa and the
     ``learnmesh users reset-mfa`` command."""
     had_mfa = await store.delete_mfa(session, user_id)
-    revoked = await revoke(session, user_id, "mfa_reset", actor=actor)
+    revoked = await revoke(session, user_id, "mfa_reset", actor=actor, access_ttl=access_ttl)
     await audit.record(
         session,
         store.audit,
@@ -128,6 +132,8 @@ class MfaSettings:
 
         async def store_codes(session: AsyncSession) -> None:
             codes.extend(await self.second_factor.new_recovery_codes(session, user_id))
+            enabled = events_pb2.MfaEnabled(user_id=user_id)
+            await emit(session, store.events.outbox, "mfa.enabled", user_id, enabled)
 
         async with self._password_checked(credentials, password, "confirm"):
             if not await self.second_factor.accept_code(
@@ -178,4 +184,10 @@ class MfaSettings:
         async with self.deps.transaction() as session:
             if await store.credentials_by_user(session, user_id) is None:
                 raise NotFound(f"no account {user_id}")
-            return await reset_mfa(session, user_id, actor=admin.user_id, via="rpc")
+            return await reset_mfa(
+                session,
+                user_id,
+                actor=admin.user_id,
+                via="rpc",
+                access_ttl=self.deps.settings.access_token_ttl,
+            )

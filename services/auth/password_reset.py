@@ -19,6 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from learnmesh import audit
 from learnmesh.db import utcnow
+from learnmesh.eventing.outbox import emit
+from learnmesh.events.v1 import events_pb2
 from learnmesh.kernel.errors import InvalidArgument
 from learnmesh.mail import Mailer
 from services.auth import store
@@ -88,6 +90,18 @@ class PasswordResets:
             await audit.record(
                 session, store.audit, "password_reset.requested", credentials.user_id
             )
+            # Here, in the background task, never before the answer: the call takes the
+            # same time whether or not an account has the email.
+            requested = events_pb2.PasswordResetRequested(
+                user_id=credentials.user_id, email=credentials.email
+            )
+            await emit(
+                session,
+                store.events.outbox,
+                "password.reset_requested",
+                credentials.user_id,
+                requested,
+            )
         return token
 
     async def _mail(self, email: str, token: str) -> None:
@@ -150,7 +164,9 @@ class PasswordResets:
         """The new password, every other reset token spent, every session ended."""
         await store.retire_resets(session, user_id)
         await store.set_password_hash(session, user_id, new_hash)
-        revoked = await revoke(session, user_id, "password_reset")
+        revoked = await revoke(
+            session, user_id, "password_reset", access_ttl=self.deps.settings.access_token_ttl
+        )
         await audit.record(
             session, store.audit, "password.reset", user_id, sessions_revoked=len(revoked)
         )

@@ -6,17 +6,20 @@ token for a new one, and a spent token presented again ends the whole family.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import NoReturn
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from learnmesh import audit
 from learnmesh.db import utcnow
+from learnmesh.eventing.outbox import emit
+from learnmesh.events.v1 import events_pb2
 from learnmesh.kernel import principal
 from learnmesh.kernel.errors import NotFound, Unauthenticated
+from learnmesh.kernel.tokens import LEEWAY
 from learnmesh.user.v1 import user_pb2
 from services.auth import store
 from services.auth.deps import Deps, actor_for
@@ -24,6 +27,8 @@ from services.auth.tokens import digest, new_refresh_token
 from services.auth.users import roles_of, tier_of
 
 BAD_REFRESH_TOKEN = "the refresh token is not valid; sign in again"
+# An access token's exp is whole seconds after its session's last_used_at was written.
+ISSUE_MARGIN = timedelta(seconds=1)
 
 
 @dataclass(frozen=True)
@@ -46,16 +51,44 @@ class SessionInfo:
     current: bool
 
 
+def tokens_expire_at(last_issued: Iterable[datetime], access_ttl: int) -> datetime:
+    """When the last access token issued at ``last_issued`` (sessions' last_used_at) stops
+    being accepted anyway: its exp plus the verifiers' leeway (now, when none was issued)."""
+    latest = max(last_issued, default=utcnow() - timedelta(seconds=access_ttl))
+    return latest + timedelta(seconds=access_ttl + LEEWAY) + ISSUE_MARGIN
+
+
+async def emit_revoked(
+    session: AsyncSession,
+    user_id: str,
+    reason: str,
+    expires_at: datetime,
+    session_ids: Sequence[str] = (),
+) -> None:
+    """``session.revoked`` for ``session_ids``, or for all the user's sessions when none
+    is named, in ``session``'s transaction."""
+    revoked = events_pb2.SessionRevoked(
+        user_id=user_id,
+        session_ids=list(session_ids),
+        all_sessions=not session_ids,
+        reason=reason,
+    )
+    revoked.expires_at.FromDatetime(expires_at)
+    await emit(session, store.events.outbox, "session.revoked", user_id, revoked)
+
+
 async def revoke(
     session: AsyncSession,
     user_id: str,
     reason: str,
     session_ids: Sequence[str] | None = None,
     *,
+    access_ttl: int,
     actor: str | None = None,
 ) -> list[str]:
     """Revokes the user's live sessions (or those of ``session_ids``), auditing each one
-    (``actor``: who did it, when not the signed-in caller)."""
+    (``actor``: who did it, when not the signed-in caller) and emitting ``session.revoked``
+    for them, valid until their last access token (``access_ttl`` seconds) expires."""
     revoked = await store.revoke_sessions(session, user_id, reason, session_ids=session_ids)
     for session_id in revoked:
         await audit.record(
@@ -67,12 +100,21 @@ async def revoke(
             session_id=session_id,
             reason=reason,
         )
-    return revoked
+    if revoked:
+        expires_at = tokens_expire_at(revoked.values(), access_ttl)
+        named = list(revoked) if session_ids is not None else []
+        await emit_revoked(session, user_id, reason, expires_at, named)
+    return list(revoked)
 
 
 class Sessions:
     def __init__(self, deps: Deps) -> None:
         self.deps = deps
+
+    @property
+    def ttl(self) -> int:
+        """Seconds an access token lives."""
+        return self.deps.settings.access_token_ttl
 
     async def start(self, session: AsyncSession, user_id: str, user: user_pb2.User) -> SignedIn:
         """A new session (refresh-token family) with its first token pair, in ``session``."""
@@ -117,7 +159,13 @@ class Sessions:
         user = await deps.users.get(owner.user_id)
         if user is None:
             async with deps.transaction() as session:
-                await revoke(session, owner.user_id, "account_deleted", [owner.id])
+                await revoke(
+                    session,
+                    owner.user_id,
+                    "account_deleted",
+                    [owner.id],
+                    access_ttl=deps.settings.access_token_ttl,
+                )
             raise Unauthenticated("this account no longer exists", reason="ACCOUNT_DELETED")
         signed_in: SignedIn | None = None
         async with deps.transaction() as session:
@@ -141,7 +189,9 @@ class Sessions:
             await audit.record(
                 session, store.audit, "refresh_token.reused", owner.user_id, session_id=owner.id
             )
-            await revoke(session, owner.user_id, "refresh_token_reuse", [owner.id])
+            await revoke(
+                session, owner.user_id, "refresh_token_reuse", [owner.id], access_ttl=self.ttl
+            )
         raise Unauthenticated(
             "this refresh token was already used; its session has been ended, sign in again",
             reason="REFRESH_TOKEN_REUSED",
@@ -151,15 +201,17 @@ class Sessions:
         caller = principal.current()
         async with self.deps.transaction() as session:
             if all_sessions:
-                revoked = await revoke(session, caller.user_id, "logout_all")
+                revoked = await revoke(session, caller.user_id, "logout_all", access_ttl=self.ttl)
             elif refresh_token:
                 found = await store.refresh_token_by_hash(session, digest(refresh_token))
                 if found is None or found.session.user_id != caller.user_id:
                     raise NotFound("no session of yours has this refresh token")
-                revoked = await revoke(session, caller.user_id, "logout", [found.session.id])
+                revoked = await revoke(
+                    session, caller.user_id, "logout", [found.session.id], access_ttl=self.ttl
+                )
             else:
                 ids = [caller.session_id] if caller.session_id else []
-                revoked = await revoke(session, caller.user_id, "logout", ids)
+                revoked = await revoke(session, caller.user_id, "logout", ids, access_ttl=self.ttl)
         return len(revoked)
 
     async def list_sessions(self) -> list[SessionInfo]:
@@ -185,4 +237,6 @@ class Sessions:
             row = await store.session_by_id(session, session_id)
             if row is None or row.user_id != caller.user_id:
                 raise NotFound(f"you have no session {session_id}")
-            await revoke(session, caller.user_id, "revoked_by_user", [session_id])
+            await revoke(
+                session, caller.user_id, "revoked_by_user", [session_id], access_ttl=self.ttl
+            )

@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import NoReturn
 
 from learnmesh import audit
+from learnmesh.eventing.outbox import emit
+from learnmesh.events.v1 import events_pb2
 from learnmesh.kernel import principal
 from learnmesh.kernel.errors import InvalidArgument, Unauthenticated
 from services.auth import store
@@ -101,6 +103,12 @@ class SignIn:
                 mfa=uses_mfa,
                 **({"via": via} if via else {}),
             )
+            login = events_pb2.UserLogin(
+                user_id=user_id,
+                session_id=signed_in.session_id,
+                client_address=principal.call_info().client_address,
+            )
+            await emit(session, store.events.outbox, "user.login", user_id, login)
         return signed_in
 
     async def _failed(self, guess: Guess, user_id: str, reason: str) -> NoReturn:

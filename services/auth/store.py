@@ -33,6 +33,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from learnmesh.audit import audit_table
 from learnmesh.db import UtcDateTime, utcnow
+from learnmesh.eventing.tables import event_tables
 
 PENDING = "pending"
 ACTIVE = "active"
@@ -146,6 +147,8 @@ class LoginAttempt(Base):
 
 
 audit = audit_table("auth_audit", Base.metadata)
+# Its outbox, processed events and dead letters (migration 0004).
+events = event_tables("auth", Base.metadata)
 
 
 # --- credentials -------------------------------------------------------------------------
@@ -322,21 +325,25 @@ async def session_by_id(session: AsyncSession, session_id: str) -> Session | Non
 
 async def revoke_sessions(
     session: AsyncSession, user_id: str, reason: str, *, session_ids: Sequence[str] | None = None
-) -> list[str]:
-    """Revokes the user's live sessions (or those of ``session_ids``); returns their ids."""
+) -> dict[str, datetime]:
+    """Revokes the user's live sessions (or those of ``session_ids``); returns when each
+    revoked one last had an access token issued (its ``last_used_at``), by id."""
     condition = [Session.user_id == user_id, Session.revoked_at.is_(None)]
     if session_ids is not None:
         if not session_ids:
-            return []
+            return {}
         condition.append(Session.id.in_(list(session_ids)))
-    ids = list((await session.scalars(select(Session.id).where(*condition))).all())
-    if ids:
+    found = (
+        await session.execute(select(Session.id, Session.last_used_at).where(*condition))
+    ).all()
+    revoked = {session_id: last_used for session_id, last_used in found}
+    if revoked:
         await session.execute(
             update(Session)
-            .where(Session.id.in_(ids), Session.revoked_at.is_(None))
+            .where(Session.id.in_(list(revoked)), Session.revoked_at.is_(None))
             .values(revoked_at=utcnow(), revoke_reason=reason)
         )
-    return ids
+    return revoked
 
 
 async def live_sessions(session: AsyncSession, user_id: str) -> list[Session]:
@@ -347,6 +354,22 @@ async def live_sessions(session: AsyncSession, user_id: str) -> list[Session]:
         .order_by(Session.created_at.desc(), Session.id)
     )
     return list(rows.all())
+
+
+async def forget_user(session: AsyncSession, user_id: str) -> list[datetime]:
+    """Deletes the user's credentials, sessions and their refresh tokens, MFA secret,
+    recovery codes and reset tokens (the audit trail stays); returns when each deleted
+    session last had an access token issued."""
+    sessions = select(Session.id).where(Session.user_id == user_id)
+    issued = list(
+        (
+            await session.scalars(select(Session.last_used_at).where(Session.user_id == user_id))
+        ).all()
+    )
+    await session.execute(delete(RefreshToken).where(RefreshToken.session_id.in_(sessions)))
+    for table in (Session, Mfa, RecoveryCode, PasswordReset, Credentials):
+        await session.execute(delete(table).where(table.user_id == user_id))
+    return issued
 
 
 # --- MFA ----------------------------------------------------------------------------------

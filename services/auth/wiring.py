@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from learnmesh.eventing.handlers import Handlers
 from learnmesh.mail import Mailer
 from learnmesh.service import Runtime
 from services.auth import mfa
@@ -20,6 +21,7 @@ from services.auth.sessions import Sessions
 from services.auth.signin import SignIn
 from services.auth.throttle import Throttle
 from services.auth.tokens import Tokens
+from services.auth.user_deletion import consumed
 from services.auth.users import UserDirectory
 
 
@@ -33,6 +35,8 @@ class AuthRules:
     mfa: MfaSettings
     resets: PasswordResets
     introspection: Introspection
+    # The events it consumes (the runtime runs their consumer).
+    consumes: Handlers
 
     async def aclose(self) -> None:
         await self.resets.aclose()
@@ -63,4 +67,5 @@ async def build(runtime: Runtime) -> AuthRules:
         mfa=MfaSettings(deps, throttle, second_factor),
         resets=PasswordResets(deps, Mailer(settings.var_dir)),
         introspection=Introspection(deps, keys),
+        consumes=consumed(settings.auth.access_token_ttl),
     )

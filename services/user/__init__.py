@@ -28,4 +28,5 @@ SERVICE = ServiceDefinition(
     create=create,
     migrations=Path(__file__).parent / "migrations",
     audit_table="user_audit",
+    event_tables="user",
 )

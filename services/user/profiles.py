@@ -31,6 +31,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from learnmesh import audit
 from learnmesh.db import Database, utcnow
+from learnmesh.eventing.outbox import emit
+from learnmesh.events.v1 import events_pb2
 from learnmesh.kernel.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -207,6 +209,12 @@ def decode_page_token(token: str, role: str, text: str) -> tuple[datetime, str]:
     return created_at, last_id
 
 
+async def _emit_updated(session: AsyncSession, user_id: str, changed: list[str]) -> None:
+    """``user.updated`` naming the changed fields of learnmesh.user.v1.User."""
+    updated = events_pb2.UserUpdated(user_id=user_id, changed_fields=changed)
+    await emit(session, store.events.outbox, "user.updated", user_id, updated)
+
+
 class Profiles:
     """The rules of the user service over its store."""
 
@@ -237,6 +245,10 @@ class Profiles:
                 )
                 await store.add(session, row)
                 await audit.record(session, store.user_audit, "user.created", user_id, role=role)
+                created = events_pb2.UserCreated(
+                    user_id=user_id, email=email, display_name=display_name
+                )
+                await emit(session, store.events.outbox, "user.created", user_id, created)
                 return Profile.of(row)
         except IntegrityError:
             pass
@@ -297,6 +309,7 @@ class Profiles:
             row = await store.get(session, user_id, for_update=True)
             if row is None:
                 raise NotFound(f"no user {user_id}")
+            before = Profile.of(row)
             if "display_name" in masked:
                 row.display_name = changes.display_name
             if "bio" in masked:
@@ -314,6 +327,11 @@ class Profiles:
             row.preferences = preferences.to_json()
             row.updated_at = utcnow()
             await session.flush()
+            after = Profile.of(row)
+            fields = ("display_name", "bio", "preferences")
+            changed = [f for f in fields if getattr(before, f) != getattr(after, f)]
+            if changed:
+                await _emit_updated(session, user_id, changed)
             return Profile.of(row)
 
     @staticmethod
@@ -399,6 +417,7 @@ class Profiles:
         row.role = role
         row.updated_at = utcnow()
         await session.flush()
+        await _emit_updated(session, row.id, ["role"])
         await audit.record(
             session,
             store.user_audit,
@@ -423,6 +442,8 @@ class Profiles:
                     reason="LAST_ADMIN",
                 )
             await store.remove(session, user_id)
+            deleted = events_pb2.UserDeleted(user_id=user_id)
+            await emit(session, store.events.outbox, "user.deleted", user_id, deleted)
             await audit.record(
                 session,
                 store.user_audit,
@@ -448,7 +469,11 @@ class Profiles:
             row = await store.get(session, user_id, for_update=True)
             if row is None:
                 raise NotFound(f"no user {user_id}")
-            row.avatar_url = f"/api/v1/files/{file_id}/content"
+            avatar_url = f"/api/v1/files/{file_id}/content"
+            changed = row.avatar_url != avatar_url
+            row.avatar_url = avatar_url
             row.updated_at = utcnow()
             await session.flush()
+            if changed:
+                await _emit_updated(session, user_id, ["avatar_url"])
             return Profile.of(row)

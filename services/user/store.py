@@ -15,6 +15,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from learnmesh.audit import audit_table
 from learnmesh.db import UtcDateTime
+from learnmesh.eventing.tables import event_tables
 
 
 class Base(DeclarativeBase):
@@ -44,6 +45,8 @@ class ProfileRow(Base):
 
 
 user_audit = audit_table("user_audit", Base.metadata)
+# Its outbox, processed events and dead letters (migration 0003).
+events = event_tables("user", Base.metadata)
 
 
 async def get(

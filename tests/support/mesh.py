@@ -8,15 +8,20 @@ import json
 import mailbox
 import re
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from google.protobuf.message import Message
 from sqlalchemy import text
 
 from learnmesh.auth.v1 import auth_pb2
+from learnmesh.events.v1 import events_pb2
 from tests.conftest import Mesh
+
+M = TypeVar("M", bound=Message)
 
 
 async def introspect(mesh: Mesh, token: str) -> auth_pb2.IntrospectTokenResponse:
@@ -99,3 +104,28 @@ def reset_token_in(body: str) -> str:
     match = re.search(r"^Token: (\S+)$", body, re.MULTILINE)
     assert match, body
     return match.group(1)
+
+
+async def outbox_events(mesh: Mesh, service: str, subject: str) -> list[events_pb2.Event]:
+    """The events ``service`` wrote to its outbox about ``subject``, in commit order (the
+    relay keeps published rows for the retention period)."""
+    query = text(f"SELECT payload FROM {service}_outbox WHERE subject = :s ORDER BY seq")
+    async with mesh.runtime.db.transaction() as session:
+        rows = (await session.execute(query, {"s": subject})).scalars().all()
+    return [events_pb2.Event.FromString(bytes(payload)) for payload in rows]
+
+
+def data_of(event: events_pb2.Event, message: type[M]) -> M:
+    """The event's data, unpacked into ``message`` (failing when it holds another type)."""
+    unpacked = message()
+    assert event.data.Unpack(unpacked), (event.type, event.data.type_url)
+    return unpacked
+
+
+async def wait_until(predicate: Callable[[], Awaitable[bool]], within: float = 15.0) -> None:
+    """Polls ``predicate`` until it holds (events are applied after the call returns)."""
+    deadline = asyncio.get_running_loop().time() + within
+    while not await predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not within {within}s: {predicate.__qualname__}")
+        await asyncio.sleep(0.05)

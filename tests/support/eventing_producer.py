@@ -3,7 +3,7 @@ each with its event, printing "committed N" after each commit, then waits to be 
 With a NATS URL it also runs the shop outbox's relay to that JetStream server (stream and
 subject prefix given), as a service process does.
 
-python -m tests.eventing_producer DATABASE_URL COUNT [SUBJECTS [NATS_URL STREAM PREFIX]]
+python -m tests.support.eventing_producer DATABASE_URL COUNT [SUBJECTS [NATS_URL STREAM PREFIX]]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from learnmesh.eventing.jetstream import JetStreamBus
 from learnmesh.eventing.outbox import emit
 from learnmesh.eventing.relay import Relay
 from learnmesh.events.v1 import events_pb2
-from tests.eventing_support import TABLES, orders
+from tests.support.eventing import TABLES, orders
 
 
 async def main(url: str, count: int, subjects: int, nats: list[str]) -> None:

@@ -106,6 +106,11 @@ class CountingBus:
     async def close(self) -> None:
         await self.inner.close()
 
+    async def ping(self) -> None:
+        if self.down:
+            raise BusUnavailable("the test bus is down")
+        await self.inner.ping()
+
     async def publish(self, subject: str, data: bytes, msg_id: str, key: str) -> None:
         if self.down:
             raise BusUnavailable("the test bus is down")
@@ -171,6 +176,29 @@ async def wait_for_effects(db: Database, count: int, within: float = 20.0) -> li
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.3)
     return await effect_rows(db)
+
+
+@asynccontextmanager
+async def mesh_bus(kind: str) -> AsyncIterator[Any]:
+    """A bus of ``kind`` for a mesh to start and close (``running_mesh(bus=…)``): the
+    in-process one, or JetStream on a stream and subjects of its own, deleted afterwards."""
+    if kind == "memory":
+        from learnmesh.eventing.memory import InProcessBus
+
+        yield InProcessBus()
+        return
+    await require_nats()
+    from learnmesh.eventing.jetstream import JetStreamBus
+
+    unique = uuid.uuid4().hex[:10]
+    stream, prefix = f"TEST_{unique}", f"test.{unique}.events"
+    yield JetStreamBus(NATS_URL, stream=stream, subject_prefix=prefix, durable_prefix=f"t{unique}_")
+    cleaner = JetStreamBus(NATS_URL, stream=stream, subject_prefix=prefix)
+    await cleaner.start()
+    try:
+        await cleaner.delete_stream()
+    finally:
+        await cleaner.close()
 
 
 @asynccontextmanager
