@@ -44,6 +44,8 @@ SIGNED_IN = (
     "/learnmesh.course.v1.CourseService/GetProgress",
     course_pb2.GetProgressRequest(course_id=str(uuid.uuid4())),
 )
+
+
 # benchmarks/RESULTS.md and README.md: the figures go between these markers, nothing else
 # in either file is rewritten.
 def markers(tag: str) -> tuple[str, str]:
