@@ -110,7 +110,8 @@ async def produce(db: Database, bus: Bus, count: int, concurrency: int, rate: fl
     """``count`` transactions, each a row and its event, from ``concurrency`` tasks (at
     ``rate`` events/s in all when rate > 0), with a relay running; returns once the
     outbox is empty."""
-    relay = asyncio.create_task(Relay(db, TABLES.outbox, bus, poll_interval=0.5).run())
+    relaying = Relay(db, TABLES.outbox, bus, poll_interval=0.5)
+    relay = asyncio.create_task(relaying.run())
     started = time.monotonic()
     numbers = iter(range(count))
 
@@ -131,9 +132,8 @@ async def produce(db: Database, bus: Bus, count: int, concurrency: int, rate: fl
         while await backlog(db):  # noqa: ASYNC110 (polls the database: nothing to await)
             await asyncio.sleep(0.05)
     finally:
-        relay.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await relay
+        relaying.stop()  # after the round under way: no query cut halfway
+        await relay
 
 
 async def backlog(db: Database) -> int:
@@ -146,13 +146,13 @@ async def backlog(db: Database) -> int:
 
 @contextlib.asynccontextmanager
 async def consuming(db: Database, bus: Bus) -> AsyncIterator[None]:
-    consumer = asyncio.create_task(Consumer(db, TABLES, bus, handlers, fetch_wait=0.2).run())
+    member = Consumer(db, TABLES, bus, handlers, fetch_wait=0.2)
+    consumer = asyncio.create_task(member.run())
     try:
         yield
     finally:
-        consumer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await consumer
+        member.stop()
+        await consumer
 
 
 @dataclass
