@@ -33,6 +33,7 @@ from learnmesh.client import ClientFactory
 from learnmesh.config import Settings
 from learnmesh.db import Database
 from learnmesh.kernel.refusals import RefusalHook
+from learnmesh.kernel.revocations import RevocationList
 from learnmesh.kernel.tokens import JwksCache, JwksFetch, TokenVerifier
 from learnmesh.service import Runtime, ServiceDefinition
 
@@ -97,6 +98,7 @@ def server_links(
     rate_limit_backend: Backend | None = None,
     only: Collection[type[ServerLink]] | None = None,
     on_refusal: RefusalHook | None = None,
+    revocations: RevocationList | None = None,
 ) -> list[ServerLink]:
     """The server chain, outermost first (ARCHITECTURE.md, "Call path"): the one place its
     order is written.
@@ -110,11 +112,13 @@ def server_links(
     read what was recorded or to move the clock. ``only`` keeps the links of those
     types alone, in the same order, for tests and measurements of part of the chain; the
     others are not even built. ``on_refusal`` hears of every call the identity and auth
-    links refuse.
+    links refuse. ``revocations`` are the revoked tokens the auth link refuses (default:
+    the runtime's, else an empty list).
     """
     if runtime is not None:
         settings = runtime.settings if settings is None else settings
         jwks = jwks_fetcher(runtime) if jwks is None else jwks
+        revocations = runtime.revocations if revocations is None else revocations
     if settings is None or jwks is None:
         raise ValueError("without a runtime, server_links needs settings and jwks")
 
@@ -123,7 +127,9 @@ def server_links(
         verifier = TokenVerifier(
             cache, issuer=settings.auth.issuer, audience=settings.auth.audience
         )
-        return AccessPolicy(verifier, owner_resolvers, on_refusal=on_refusal)
+        return AccessPolicy(
+            verifier, owner_resolvers, on_refusal=on_refusal, revocations=revocations
+        )
 
     makers: list[tuple[type[ServerLink], Callable[[], ServerLink]]] = [
         # Only mesh services may forward their end user's address (none without mTLS).

@@ -38,6 +38,7 @@ class VerifiedToken:
     tier: str
     session_id: str
     expires_at: int
+    issued_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -114,4 +115,5 @@ class Tokens:
             tier=str(claims.get("tier", "free")),
             session_id=session_id,
             expires_at=int(claims["exp"]),
+            issued_at=float(claims["iat"]),
         ), None
