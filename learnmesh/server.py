@@ -32,9 +32,12 @@ from learnmesh.auth.v1 import auth_pb2
 from learnmesh.client import ClientFactory
 from learnmesh.config import Settings
 from learnmesh.db import Database
+from learnmesh.eventing.bus import Bus
+from learnmesh.eventing.wiring import make_bus
 from learnmesh.kernel.refusals import RefusalHook
 from learnmesh.kernel.revocations import RevocationList
 from learnmesh.kernel.tokens import JwksCache, JwksFetch, TokenVerifier
+from learnmesh.revocation import RevocationFeed, start_revocation_feed
 from learnmesh.service import Runtime, ServiceDefinition
 
 log = logging.getLogger("learnmesh.server")
@@ -187,6 +190,7 @@ class MeshServer:
     servicers: dict[str, Any] = field(default_factory=dict)
     links: list[ServerLink] = field(default_factory=list)
     refusals: RefusalTrail | None = None
+    revocation_feed: RevocationFeed | None = None
 
     @property
     def address(self) -> str:
@@ -206,6 +210,8 @@ class MeshServer:
                 # Last, after the links that feed it, and before the runtime closes the
                 # database it writes to.
                 parts.push_async_callback(self.refusals.aclose)
+            if self.revocation_feed is not None:
+                parts.push_async_callback(self.revocation_feed.aclose)
             for part in [*self.links, *self.servicers.values()]:
                 close = getattr(part, "aclose", None)
                 if close is not None:
@@ -224,9 +230,11 @@ async def start_server(
     port: int,
     credentials: grpc.ServerCredentials | None = None,
     reuse_port: bool = False,
+    bus: Bus | None = None,
 ) -> MeshServer:
     """Migrates, builds and starts ``definitions`` on ``host:port`` (0 picks a free port),
-    with mTLS when ``credentials`` are given."""
+    with mTLS when ``credentials`` are given. The revocation feed runs on ``bus`` (the
+    process's; without one, a bus of the server's own made from the settings)."""
     for definition in definitions:
         if definition.migrations is not None:
             await runtime.db.migrate(definition.name, definition.migrations)
@@ -272,8 +280,23 @@ async def start_server(
         start = getattr(link, "start", None)
         if start is not None:
             start()  # e.g. the auth link fetching the signing keys before the first call
+    # Revocations still in force are known before the server reports SERVING.
+    revocation_feed = await start_revocation_feed(
+        make_bus(runtime.settings) if bus is None else bus,
+        runtime.revocations,
+        runtime.settings.auth.access_token_ttl,
+        owns_bus=bus is None,
+    )
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return MeshServer(
-        server, health_servicer, bound, host, list(definitions), servicers, links, refusals
+        server,
+        health_servicer,
+        bound,
+        host,
+        list(definitions),
+        servicers,
+        links,
+        refusals,
+        revocation_feed,
     )
