@@ -175,10 +175,11 @@ class Mesh:
 
 @asynccontextmanager
 async def running_mesh(
-    settings: config.Settings, services: Sequence[str] = ("auth", "user")
+    settings: config.Settings, services: Sequence[str] = ("auth", "user"), bus: Any = None
 ) -> AsyncIterator[Mesh]:
     """Starts ``services`` in this process on an ephemeral port, as `learnmesh up` does
-    (mTLS when settings.tls.enabled); stops them afterwards."""
+    (mTLS when settings.tls.enabled; the revocation feed on ``bus``, else the server's
+    own); stops them afterwards."""
     runtime, credentials = build_runtime(settings, "mesh")
     server = await start_server(
         runtime,
@@ -186,6 +187,7 @@ async def running_mesh(
         host="127.0.0.1",
         port=0,
         credentials=credentials,
+        bus=bus,
     )
     mesh = Mesh(server, runtime, aio.insecure_channel(server.address), settings)
     if credentials is not None:

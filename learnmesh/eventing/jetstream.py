@@ -316,4 +316,7 @@ class JetStreamBus:
             info = await push.consumer_info()
         except _NATS_ERRORS as exc:
             raise BusUnavailable(f"broadcast of {subject}: {exc}") from exc
+        # The client recreates the consumer from this same config, by start sequence after
+        # a gap; NATS refuses a start time alongside, so it applies to the first one only.
+        config.opt_start_time = None
         return _Broadcast(push, subjects, int(info.num_pending or 0))
