@@ -37,6 +37,8 @@ GENEROUS_LIMITS: dict[str, Any] = {
         "free_per_minute",
         "login_per_minute",
         "login_per_hour",
+        "refresh_per_minute",
+        "refresh_per_hour",
         "register_per_minute",
         "register_per_hour",
         "password_reset_per_minute",
