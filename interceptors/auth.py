@@ -13,6 +13,12 @@ a bad token (``auth.token_rejected``, also on a public method, where the call go
 without it) and a verified caller or token refused by the policy
 (``auth.permission_denied``). A missing token and an expired one are ordinary, not
 recorded (as at IntrospectToken).
+
+A good token whose session was revoked, or issued before its user's not-before time (a
+role change, a deletion), is refused as UNAUTHENTICATED with ErrorInfo reason
+``SESSION_REVOKED`` (sign in again), from the process's ``RevocationList``, which the
+revocation feed keeps filled; recorded as ``auth.token_rejected``, reason
+``session_revoked``, naming the user.
 """
 
 from __future__ import annotations
@@ -30,13 +36,25 @@ from interceptors.requests import refuse_undecodable
 from learnmesh.common.v1 import access_pb2
 from learnmesh.kernel import principal
 from learnmesh.kernel.errors import PermissionDenied, Unauthenticated
+from learnmesh.kernel.principal import Principal
 from learnmesh.kernel.refusals import PERMISSION_DENIED, TOKEN_REJECTED, Refusal, RefusalHook
+from learnmesh.kernel.revocations import RevocationList
 from learnmesh.kernel.tokens import TokenRejected, TokenVerifier
 
 log = logging.getLogger("learnmesh.auth")
 
 # (method, request, caller) -> the owner's user id, for resources that are not users.
 OwnerResolver = Callable[[Any], Awaitable[str | None]]
+
+SESSION_REVOKED = "SESSION_REVOKED"
+
+
+def revoked_token() -> Unauthenticated:
+    return Unauthenticated(
+        "the session of this access token has ended (signed out, revoked, or the account "
+        "changed): sign in again",
+        reason=SESSION_REVOKED,
+    )
 
 
 def bearer_token(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
@@ -61,8 +79,10 @@ class AccessPolicy(ServerLink):
         owner_resolvers: Mapping[str, OwnerResolver] | None = None,
         *,
         on_refusal: RefusalHook | None = None,
+        revocations: RevocationList | None = None,
     ) -> None:
         self.verifier = verifier
+        self.revocations = revocations if revocations is not None else RevocationList()
         # Kept by reference: the runtime fills it once the servicers exist.
         self.owner_resolvers = owner_resolvers if owner_resolvers is not None else {}
         self.on_refusal = on_refusal
@@ -82,6 +102,7 @@ class AccessPolicy(ServerLink):
         hook = self.on_refusal
         full_method = method.full_method
         needs_role = "role:" + ",".join(policy.roles)
+        revoked = self.revocations.refuses
 
         def refused(event: str, reason: str, subject: str = "", required: str = "") -> None:
             if hook is not None:
@@ -90,6 +111,9 @@ class AccessPolicy(ServerLink):
         def rejected(exc: TokenRejected) -> None:
             if exc.why != "expired":  # an expired token is ordinary: its holder refreshes
                 refused(TOKEN_REJECTED, exc.why)
+
+        def refused_revoked(caller: Principal) -> None:
+            refused(TOKEN_REJECTED, "session_revoked", caller.user_id)
 
         async def check(request: Any, context: aio.ServicerContext[Any, Any]) -> None:
             try:
@@ -106,10 +130,14 @@ class AccessPolicy(ServerLink):
                 if token is not None:
                     # A signed-in caller of a public method is still known, when the token is good.
                     try:
-                        principal.set_principal(await verifier.verify(token))
+                        known: Principal | None = await verifier.verify(token)
                     except TokenRejected as exc:
                         rejected(exc)
-                        principal.set_principal(None)
+                        known = None
+                    if known is not None and revoked(known):
+                        refused_revoked(known)
+                        known = None
+                    principal.set_principal(known)
                 return
             if access == access_pb2.ACCESS_UNSPECIFIED:
                 refused(PERMISSION_DENIED, "no_policy")
@@ -121,6 +149,9 @@ class AccessPolicy(ServerLink):
             except TokenRejected as exc:  # not a coroutine around verify: this is every call
                 rejected(exc)
                 raise
+            if revoked(caller):
+                refused_revoked(caller)
+                raise revoked_token()
             principal.set_principal(caller)
             if access == access_pb2.ACCESS_ROLE:
                 if not caller.roles.intersection(policy.roles):

@@ -196,6 +196,10 @@ class LimitSettings:
     burst_window: int = field(default=10, metadata=_check(_positive))
     login_per_minute: int = field(default=5, metadata=_check(_positive))
     login_per_hour: int = field(default=20, metadata=_check(_positive))
+    # Token refresh per client address, apart from the login budget: a client refreshes
+    # every access-token lifetime (15 min), and many users may share one NAT address.
+    refresh_per_minute: int = field(default=60, metadata=_check(_positive))
+    refresh_per_hour: int = field(default=600, metadata=_check(_positive))
     register_per_minute: int = field(default=3, metadata=_check(_positive))
     register_per_hour: int = field(default=10, metadata=_check(_positive))
     password_reset_per_minute: int = field(default=3, metadata=_check(_positive))

@@ -37,7 +37,9 @@ from learnmesh.eventing.bus import Bus
 from learnmesh.eventing.tables import event_tables
 from learnmesh.eventing.wiring import make_bus, make_consumer, make_relay
 from learnmesh.kernel.refusals import RefusalHook
+from learnmesh.kernel.revocations import RevocationList
 from learnmesh.kernel.tokens import JwksCache, JwksFetch, TokenVerifier
+from learnmesh.revocation import RevocationFeed, start_revocation_feed
 from learnmesh.service import IMPLEMENTED, Runtime, ServiceDefinition
 
 log = logging.getLogger("learnmesh.server")
@@ -103,6 +105,7 @@ def server_links(
     rate_limit_backend: Backend | None = None,
     only: Collection[type[ServerLink]] | None = None,
     on_refusal: RefusalHook | None = None,
+    revocations: RevocationList | None = None,
 ) -> list[ServerLink]:
     """The server chain, outermost first (ARCHITECTURE.md, "Call path"): the one place its
     order is written.
@@ -116,11 +119,13 @@ def server_links(
     read what was recorded or to move the clock. ``only`` keeps the links of those
     types alone, in the same order, for tests and measurements of part of the chain; the
     others are not even built. ``on_refusal`` hears of every call the identity and auth
-    links refuse.
+    links refuse. ``revocations`` are the revoked tokens the auth link refuses (default:
+    the runtime's, else an empty list).
     """
     if runtime is not None:
         settings = runtime.settings if settings is None else settings
         jwks = jwks_fetcher(runtime) if jwks is None else jwks
+        revocations = runtime.revocations if revocations is None else revocations
     if settings is None or jwks is None:
         raise ValueError("without a runtime, server_links needs settings and jwks")
 
@@ -129,7 +134,9 @@ def server_links(
         verifier = TokenVerifier(
             cache, issuer=settings.auth.issuer, audience=settings.auth.audience
         )
-        return AccessPolicy(verifier, owner_resolvers, on_refusal=on_refusal)
+        return AccessPolicy(
+            verifier, owner_resolvers, on_refusal=on_refusal, revocations=revocations
+        )
 
     makers: list[tuple[type[ServerLink], Callable[[], ServerLink]]] = [
         # Only mesh services may forward their end user's address (none without mTLS).
@@ -274,6 +281,7 @@ class MeshServer:
     links: list[ServerLink] = field(default_factory=list)
     refusals: RefusalTrail | None = None
     events: EventWork | None = None
+    revocation_feed: RevocationFeed | None = None
 
     @property
     def address(self) -> str:
@@ -299,6 +307,8 @@ class MeshServer:
                 parts.push_async_callback(self.events.bus.close)
                 # What is committed until here stays in the outbox for the next start.
                 parts.push_async_callback(self.events.stop_relays)
+            if self.revocation_feed is not None:
+                parts.push_async_callback(self.revocation_feed.aclose)
             for part in [*self.links, *self.servicers.values()]:
                 close = getattr(part, "aclose", None)
                 if close is not None:
@@ -320,10 +330,14 @@ async def start_server(
     port: int,
     credentials: grpc.ServerCredentials | None = None,
     reuse_port: bool = False,
+    bus: Bus | None = None,
 ) -> MeshServer:
     """Migrates, builds and starts ``definitions`` on ``host:port`` (0 picks a free port),
-    with mTLS when ``credentials`` are given; starts the runtime's bus and the services'
-    relays and consumers before health turns SERVING."""
+    with mTLS when ``credentials`` are given; starts the runtime's bus (``bus`` replaces it
+    when given), the services' relays and consumers, and the revocation feed before health
+    turns SERVING."""
+    if bus is not None:
+        runtime.bus = bus
     for definition in definitions:
         if definition.migrations is not None:
             await runtime.db.migrate(definition.name, definition.migrations)
@@ -377,6 +391,15 @@ async def start_server(
         start = getattr(link, "start", None)
         if start is not None:
             start()  # e.g. the auth link fetching the signing keys before the first call
+    # Revocations still in force are known before the server reports SERVING.
+    # (The feed rides on the process's bus, which the events' start has started.)
+    try:
+        mesh.revocation_feed = await start_revocation_feed(
+            runtime.bus, runtime.revocations, runtime.settings.auth.access_token_ttl
+        )
+    except BaseException:
+        await mesh.stop(0)
+        raise
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return mesh

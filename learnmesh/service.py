@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc import aio
 
+from learnmesh.kernel.revocations import RevocationList
+
 if TYPE_CHECKING:
     from learnmesh.client import ClientFactory
     from learnmesh.config import Settings
@@ -35,6 +37,8 @@ class Runtime:
     bus: Bus
     # With mTLS: the certificate each service presents on its outbound calls, by name.
     identity: Callable[[str], grpc.ChannelCredentials] | None = None
+    # The process's revoked tokens (one list: the auth link and IntrospectToken agree).
+    revocations: RevocationList = field(default_factory=RevocationList)
     _children: list[ClientFactory] = field(default_factory=list)
 
     def for_service(self, name: str) -> Runtime:
@@ -50,7 +54,7 @@ class Runtime:
             local_address=self.clients.local_address,
         )
         self._children.append(clients)
-        return Runtime(self.settings, self.db, clients, self.bus)
+        return Runtime(self.settings, self.db, clients, self.bus, revocations=self.revocations)
 
     async def close(self) -> None:
         """Closes every channel and the database (the bus is the server's to close)."""

@@ -38,6 +38,8 @@ GENEROUS_LIMITS: dict[str, Any] = {
         "free_per_minute",
         "login_per_minute",
         "login_per_hour",
+        "refresh_per_minute",
+        "refresh_per_hour",
         "register_per_minute",
         "register_per_hour",
         "password_reset_per_minute",
@@ -180,7 +182,8 @@ async def running_mesh(
 ) -> AsyncIterator[Mesh]:
     """Starts ``services`` in this process on an ephemeral port, as `learnmesh up` does
     (mTLS when settings.tls.enabled); stops them afterwards. ``bus`` (not started) replaces
-    the one the settings choose, e.g. a JetStream bus on a stream of the test's own."""
+    the one the settings choose, e.g. a JetStream bus on a stream of the test's own: the
+    services' events and the revocation feed all ride on it."""
     runtime, credentials = build_runtime(settings, "mesh")
     if bus is not None:
         runtime.bus = bus
@@ -190,6 +193,7 @@ async def running_mesh(
         host="127.0.0.1",
         port=0,
         credentials=credentials,
+        bus=bus,
     )
     mesh = Mesh(server, runtime, aio.insecure_channel(server.address), settings)
     if credentials is not None:

@@ -5,8 +5,8 @@ Who is counted, and against what (all numbers from the ``Limits`` given):
   multiplier (read 1, write ``write_multiplier``, delete ``delete_multiplier``), plus a burst
   window of ``burst_multiplier`` x that rate spread over ``burst_window`` seconds;
 - an anonymous caller of a public method by client address, at the free tier;
-- login, register and password-reset methods by client address only, against their
-  per-minute and per-hour limits;
+- login, token refresh, register and password-reset methods by client address only, each
+  class against its own per-minute and per-hour limits;
 - exempt and internal methods and grpc's own services not at all (their behaviour is
   returned unwrapped, so they pay nothing).
 

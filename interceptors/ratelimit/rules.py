@@ -20,11 +20,13 @@ _CLASS_NAMES = {
     access_pb2.RATE_CLASS_WRITE: "write",
     access_pb2.RATE_CLASS_DELETE: "delete",
     access_pb2.RATE_CLASS_LOGIN: "login",
+    access_pb2.RATE_CLASS_REFRESH: "refresh",
     access_pb2.RATE_CLASS_REGISTER: "register",
     access_pb2.RATE_CLASS_PASSWORD_RESET: "password_reset",
 }
 ADDRESS_CLASSES = (
     access_pb2.RATE_CLASS_LOGIN,
+    access_pb2.RATE_CLASS_REFRESH,
     access_pb2.RATE_CLASS_REGISTER,
     access_pb2.RATE_CLASS_PASSWORD_RESET,
 )
@@ -95,6 +97,10 @@ class Limits(Protocol):
     @property
     def login_per_hour(self) -> int: ...
     @property
+    def refresh_per_minute(self) -> int: ...
+    @property
+    def refresh_per_hour(self) -> int: ...
+    @property
     def register_per_minute(self) -> int: ...
     @property
     def register_per_hour(self) -> int: ...
@@ -143,7 +149,8 @@ def tier_rule(limits: Limits, rate_class: access_pb2.RateClass.ValueType, tier: 
 
 
 def address_rule(limits: Limits, rate_class: access_pb2.RateClass.ValueType) -> Rule:
-    """The per-address minute and hour limits of login, register and password reset."""
+    """The per-address minute and hour limits of login, refresh, register and password
+    reset."""
     name = _CLASS_NAMES[rate_class]
     return _rule(
         name,
@@ -183,7 +190,8 @@ class RuleBook:
         self.by_address = {c: address_rule(limits, c) for c in ADDRESS_CLASSES}
 
     def address_rule(self, rate_class: access_pb2.RateClass.ValueType) -> Rule | None:
-        """The rule of a class counted by address only (login, register, password reset)."""
+        """The rule of a class counted by address only (login, refresh, register, password
+        reset)."""
         return self.by_address.get(rate_class)
 
     def tier_rules(self, rate_class: access_pb2.RateClass.ValueType) -> dict[str, Rule]:

@@ -4,7 +4,9 @@ Two implementations: ``InProcessBus`` (learnmesh.eventing.memory, the default: n
 install, one process) and ``JetStreamBus`` (learnmesh.eventing.jetstream, with
 ``LEARNMESH_BUS_URL=nats://…``). Both deliver each event once to every consumer group,
 shared by the group's members, with explicit ack and nak-with-delay, and drop a second
-publish of one message id within their duplicate window.
+publish of one message id within their duplicate window. Both also broadcast: every
+subscriber of ``broadcast`` gets every message of its types (the revocation feed, which
+every process needs whole).
 """
 
 from __future__ import annotations
@@ -52,6 +54,21 @@ class Subscription(Protocol):
         ...
 
 
+class Broadcast(Protocol):
+    """Every message of some types, to this subscriber alone: no group, no ack."""
+
+    @property
+    def replaying(self) -> bool:
+        """True while messages published before the subscription began are still to come."""
+        ...
+
+    async def next(self, wait: float) -> bytes | None:
+        """The next message's data; None if ``wait`` seconds pass without one."""
+        ...
+
+    async def close(self) -> None: ...
+
+
 class Bus(Protocol):
     # True when the bus forgets everything with its process (the in-process bus): the
     # relay then publishes the outbox rows it still keeps again at start.
@@ -77,4 +94,9 @@ class Bus(Protocol):
 
     async def subscribe(self, group: str, event_types: Sequence[str]) -> Subscription:
         """Joins the durable consumer group ``group`` (created on first use)."""
+        ...
+
+    async def broadcast(self, event_types: Sequence[str], since: float) -> Broadcast:
+        """Every message of ``event_types`` to this subscriber: first those the bus still
+        holds that were published at or after ``since`` (epoch seconds), then new ones."""
         ...

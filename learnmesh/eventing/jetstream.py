@@ -11,6 +11,11 @@ subject to two members at once), with explicit acks and nak-with-delay; JetStrea
 max-deliver stays unlimited, as the consumer counts deliveries and moves an event to its
 dead-letter table itself (JetStream has no dead-letter queue).
 
+A broadcast is an ordered consumer of this process alone (ephemeral, in memory, no acks,
+starting at ``since``): the client watches its heartbeats and recreates it from the last
+message it saw after a reconnect or a gap, so a process that lost NATS for a while still
+gets every message it missed, in order, while the stream holds them.
+
 Durability warning: JetStream acknowledges a publish once the message is in the server's
 memory; by default it syncs to disk only every two minutes (``sync_interval``), so a power
 loss can lose acknowledged events that the relay has already deleted from its outbox. Only
@@ -26,6 +31,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import nats
 import nats.errors
@@ -111,6 +117,41 @@ class _Subscription:
         return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
 
 
+@dataclass
+class _Broadcast:
+    push: JetStreamContext.PushSubscription
+    subjects: frozenset[str]
+    # Messages of the stream (matching the filter) after the last one received.
+    pending: int
+
+    @property
+    def replaying(self) -> bool:
+        return self.pending > 0
+
+    async def next(self, wait: float) -> bytes | None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                return None
+            try:
+                msg = await self.push.next_msg(timeout=left)
+            except nats.errors.TimeoutError:
+                return None
+            except _NATS_ERRORS as exc:
+                raise BusUnavailable(f"broadcast failed: {exc}") from exc
+            self.pending = int(msg.metadata.num_pending or 0)
+            if msg.subject in self.subjects:  # one filter subject only on NATS 2.9
+                return msg.data
+
+    async def close(self) -> None:
+        try:
+            await self.push.unsubscribe()
+        except _NATS_ERRORS as exc:
+            log.debug("broadcast unsubscribe: %s", exc)
+
+
 class JetStreamBus:
     """The mesh's bus on NATS JetStream (see the module's docstring)."""
 
@@ -132,6 +173,7 @@ class JetStreamBus:
         max_ack_pending: int = 1000,
         publish_timeout: float = 5.0,
         connect_timeout: float = 5.0,
+        broadcast_heartbeat: float = 2.0,
     ) -> None:
         self.url = url
         self.stream = stream
@@ -145,6 +187,8 @@ class JetStreamBus:
         self.max_ack_pending = max_ack_pending
         self.publish_timeout = publish_timeout
         self.connect_timeout = connect_timeout
+        # A broadcast missing two heartbeats is recreated from its last message.
+        self.broadcast_heartbeat = broadcast_heartbeat
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
 
@@ -259,3 +303,27 @@ class JetStreamBus:
         except _NATS_ERRORS as exc:
             raise BusUnavailable(f"consumer {durable}: {exc}") from exc
         return _Subscription(pull)
+
+    async def broadcast(self, event_types: Sequence[str], since: float) -> _Broadcast:
+        subjects = frozenset(self.subject_for(t) for t in event_types)
+        subject = next(iter(subjects)) if len(subjects) == 1 else f"{self.subject_prefix}.>"
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_TIME,
+            opt_start_time=datetime.fromtimestamp(since, UTC),
+            filter_subject=subject,
+        )
+        try:
+            push = await self.js.subscribe(
+                subject,
+                stream=self.stream,
+                config=config,
+                ordered_consumer=True,
+                idle_heartbeat=self.broadcast_heartbeat,
+            )
+            info = await push.consumer_info()
+        except _NATS_ERRORS as exc:
+            raise BusUnavailable(f"broadcast of {subject}: {exc}") from exc
+        # The client recreates the consumer from this same config, by start sequence after
+        # a gap; NATS refuses a start time alongside, so it applies to the first one only.
+        config.opt_start_time = None
+        return _Broadcast(push, subjects, int(info.num_pending or 0))

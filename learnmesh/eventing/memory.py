@@ -6,7 +6,8 @@ the messages still retained), explicit ack, nak with a redelivery delay, redeliv
 ``ack_wait`` of what a member took and never answered, and a duplicate window per message
 id. It also keeps the events of one key (an event's subject) in order within a group: a
 message is not handed out while an earlier one of its key is out with a member or waiting
-for redelivery.
+for redelivery. A broadcast subscriber gets every message of its types from the messages
+still retained (published at or after its ``since``) on, with no ack.
 
 Nothing survives the process: ``volatile`` tells the relay to publish the outbox rows it
 still retains again at start, and consumers drop those they had processed.
@@ -34,6 +35,8 @@ class _Message:
     msg_id: str
     key: str
     at: float
+    # Wall-clock publish time, for a broadcast's ``since``.
+    published: float = 0.0
 
 
 @dataclass
@@ -164,6 +167,39 @@ class _Subscription:
         return len(group.ready) + len(group.delayed) + len(group.in_flight)
 
 
+@dataclass
+class _Broadcast:
+    subjects: frozenset[str]
+    pending: deque[bytes]
+    # How many of ``pending`` were published before the subscription began.
+    backlog: int
+    listeners: list[_Broadcast]
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def offer(self, message: _Message) -> None:
+        if message.subject in self.subjects:
+            self.pending.append(message.data)
+            self.arrived.set()
+
+    @property
+    def replaying(self) -> bool:
+        return self.backlog > 0
+
+    async def next(self, wait: float) -> bytes | None:
+        if not self.pending:
+            self.arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.arrived.wait(), wait)
+            if not self.pending:
+                return None
+        self.backlog = max(0, self.backlog - 1)
+        return self.pending.popleft()
+
+    async def close(self) -> None:
+        with contextlib.suppress(ValueError):
+            self.listeners.remove(self)
+
+
 class InProcessBus:
     """The bus of one process (see the module's docstring)."""
 
@@ -186,6 +222,7 @@ class InProcessBus:
         self._seen: OrderedDict[str, float] = OrderedDict()
         self._retained: deque[_Message] = deque()
         self._groups: dict[str, _Group] = {}
+        self._broadcasts: list[_Broadcast] = []
 
     def subject_for(self, event_type: str) -> str:
         return f"{self.subject_prefix}.{event_type}"
@@ -213,11 +250,23 @@ class InProcessBus:
             return
         self._seen[msg_id] = now
         self._seq += 1
-        message = _Message(self._seq, subject, data, msg_id, key, now)
+        message = _Message(self._seq, subject, data, msg_id, key, now, time.time())
         self._retained.append(message)
         for group in self._groups.values():
             if group.wants(subject):
                 group.offer(message)
+        for broadcast in self._broadcasts:
+            broadcast.offer(message)
+
+    async def broadcast(self, event_types: Sequence[str], since: float) -> _Broadcast:
+        subjects = frozenset(self.subject_for(t) for t in event_types)
+        self._forget_old(time.monotonic())
+        backlog = deque(
+            m.data for m in self._retained if m.subject in subjects and m.published >= since
+        )
+        found = _Broadcast(subjects, backlog, len(backlog), self._broadcasts)
+        self._broadcasts.append(found)
+        return found
 
     async def subscribe(self, group: str, event_types: Sequence[str]) -> _Subscription:
         found = self._groups.get(group)

@@ -23,6 +23,8 @@ class Principal:
     session_id: str = ""
     token_id: str = ""
     expires_at: float = 0.0
+    # The token's ``iat``: a revocation refuses a user's tokens issued before it.
+    issued_at: float = 0.0
 
     @property
     def is_admin(self) -> bool:

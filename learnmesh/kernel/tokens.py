@@ -224,6 +224,7 @@ class TokenVerifier:
             session_id=str(claims.get("sid", "")),
             token_id=str(claims["jti"]),
             expires_at=float(claims["exp"]),
+            issued_at=float(claims["iat"]),
         )
         self._cache[token] = found
         if len(self._cache) > self._cache_size:

@@ -1,7 +1,9 @@
 """Token facts for the mesh: the JWK Set, and whether an access token is good right now.
 
 Other services verify access tokens locally against the JWKS; IntrospectToken adds what a
-signature cannot tell, that the token's session has not been revoked.
+signature cannot tell, that the token's session has not been revoked: in the database, and
+in the process's revocation list (the one the auth link refuses from, so both agree on a
+demoted or deleted user's older tokens too).
 """
 
 from __future__ import annotations
@@ -54,6 +56,11 @@ class Introspection:
             )
             return TokenFacts(active=False)
         if owner.revoked_at is not None:
+            return TokenFacts(active=False)
+        revocations = self.deps.runtime.revocations
+        if revocations.session_revoked(verified.session_id) or revocations.issued_too_early(
+            verified.subject, verified.issued_at
+        ):
             return TokenFacts(active=False)
         return TokenFacts(
             active=True,

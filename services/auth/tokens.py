@@ -38,6 +38,7 @@ class VerifiedToken:
     tier: str
     session_id: str
     expires_at: int
+    issued_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -71,14 +72,17 @@ class Tokens:
         self, user_id: str, roles: Sequence[str], tier: str, session_id: str
     ) -> AccessToken:
         key = await self.keys.active()
-        now = int(time.time())
+        now = time.time()
         token_id = str(uuid.uuid4())
         claims = {
             "iss": self.issuer,
             "aud": self.audience,
             "sub": user_id,
-            "iat": now,
-            "exp": now + self.ttl,
+            # To the millisecond (RFC 7519 NumericDates may have fractions): servers refuse a
+            # user's tokens issued before a role change or a sign-out everywhere, and one
+            # issued in the same second just after it must not be taken for an older one.
+            "iat": round(now, 3),
+            "exp": int(now) + self.ttl,
             "jti": token_id,
             "roles": list(roles),
             "tier": tier,
@@ -114,4 +118,5 @@ class Tokens:
             tier=str(claims.get("tier", "free")),
             session_id=session_id,
             expires_at=int(claims["exp"]),
+            issued_at=float(claims["iat"]),
         ), None

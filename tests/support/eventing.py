@@ -120,6 +120,9 @@ class CountingBus:
     async def subscribe(self, group: str, event_types: Sequence[str]) -> Any:
         return await self.inner.subscribe(group, event_types)
 
+    async def broadcast(self, event_types: Sequence[str], since: float) -> Any:
+        return await self.inner.broadcast(event_types, since)
+
 
 def decode(data: bytes) -> events_pb2.Event:
     return events_pb2.Event.FromString(data)

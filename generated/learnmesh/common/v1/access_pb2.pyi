@@ -75,6 +75,10 @@ class _RateClassEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RateClass.V
     RATE_CLASS_PASSWORD_RESET: _RateClass.ValueType  # 6
     RATE_CLASS_EXEMPT: _RateClass.ValueType  # 7
     """Not rate limited (internal calls between services, health)."""
+    RATE_CLASS_REFRESH: _RateClass.ValueType  # 8
+    """Per client address: token refresh, with a budget of its own, generous enough for many
+    users behind one NAT (a refresh proves a refresh token; it guesses no password).
+    """
 
 class RateClass(_RateClass, metaclass=_RateClassEnumTypeWrapper):
     """The rate-limit class of a method (the reference document's tiers and endpoint limits)."""
@@ -90,6 +94,10 @@ RATE_CLASS_REGISTER: RateClass.ValueType  # 5
 RATE_CLASS_PASSWORD_RESET: RateClass.ValueType  # 6
 RATE_CLASS_EXEMPT: RateClass.ValueType  # 7
 """Not rate limited (internal calls between services, health)."""
+RATE_CLASS_REFRESH: RateClass.ValueType  # 8
+"""Per client address: token refresh, with a budget of its own, generous enough for many
+users behind one NAT (a refresh proves a refresh token; it guesses no password).
+"""
 Global___RateClass: _TypeAlias = RateClass  # noqa: Y015
 
 @_typing.final
