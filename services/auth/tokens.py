@@ -91,7 +91,7 @@ class Tokens:
         token = jwt.encode(
             claims, key.private_key, algorithm=ALGORITHM, headers={"kid": key.kid, "typ": "JWT"}
         )
-        return AccessToken(token, token_id, now + self.ttl, self.ttl)
+        return AccessToken(token, token_id, int(now) + self.ttl, self.ttl)
 
     async def verify(self, token: str) -> VerifiedToken | None:
         """The token's facts when its signature (known kid, ES256 only), issuer, audience
