@@ -274,19 +274,19 @@ async def start_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, chained)
     names = [d.full_name for d in definitions]
     reflection.enable([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name], chained)
-    await server.start()
-    refusals.start()
-    for link in links:
-        start = getattr(link, "start", None)
-        if start is not None:
-            start()  # e.g. the auth link fetching the signing keys before the first call
-    # Revocations still in force are known before the server reports SERVING.
+    # Revocations still in force are known before the first call (and before SERVING).
     revocation_feed = await start_revocation_feed(
         make_bus(runtime.settings) if bus is None else bus,
         runtime.revocations,
         runtime.settings.auth.access_token_ttl,
         owns_bus=bus is None,
     )
+    await server.start()
+    refusals.start()
+    for link in links:
+        start = getattr(link, "start", None)
+        if start is not None:
+            start()  # e.g. the auth link fetching the signing keys before the first call
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return MeshServer(
