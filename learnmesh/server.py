@@ -385,14 +385,8 @@ async def start_server(
     except BaseException:
         await mesh.stop(0)
         raise
-    await server.start()
-    refusals.start()
-    for link in links:
-        start = getattr(link, "start", None)
-        if start is not None:
-            start()  # e.g. the auth link fetching the signing keys before the first call
-    # Revocations still in force are known before the server reports SERVING.
-    # (The feed rides on the process's bus, which the events' start has started.)
+    # Revocations still in force are known before the first call (and before SERVING);
+    # the feed rides on the process's bus, which the events' start has started.
     try:
         mesh.revocation_feed = await start_revocation_feed(
             runtime.bus, runtime.revocations, runtime.settings.auth.access_token_ttl
@@ -400,6 +394,12 @@ async def start_server(
     except BaseException:
         await mesh.stop(0)
         raise
+    await server.start()
+    refusals.start()
+    for link in links:
+        start = getattr(link, "start", None)
+        if start is not None:
+            start()  # e.g. the auth link fetching the signing keys before the first call
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return mesh

@@ -121,12 +121,13 @@ class _Subscription:
 class _Broadcast:
     push: JetStreamContext.PushSubscription
     subjects: frozenset[str]
-    # Messages of the stream (matching the filter) after the last one received.
-    pending: int
+    # Messages of the stream (matching the filter) still to be read: at the start, those
+    # the server had not sent yet and those it had sent before this process read them.
+    left: int
 
     @property
     def replaying(self) -> bool:
-        return self.pending > 0
+        return self.left > 0
 
     async def next(self, wait: float) -> bytes | None:
         loop = asyncio.get_running_loop()
@@ -141,7 +142,7 @@ class _Broadcast:
                 return None
             except _NATS_ERRORS as exc:
                 raise BusUnavailable(f"broadcast failed: {exc}") from exc
-            self.pending = int(msg.metadata.num_pending or 0)
+            self.left = max(self.left - 1, int(msg.metadata.num_pending or 0))
             if msg.subject in self.subjects:  # one filter subject only on NATS 2.9
                 return msg.data
 
@@ -326,4 +327,8 @@ class JetStreamBus:
         # The client recreates the consumer from this same config, by start sequence after
         # a gap; NATS refuses a start time alongside, so it applies to the first one only.
         config.opt_start_time = None
-        return _Broadcast(push, subjects, int(info.num_pending or 0))
+        # The server starts pushing at once: by the time of this answer it may have sent
+        # part of the backlog already (``delivered``) and holds the rest (``num_pending``).
+        sent = info.delivered.consumer_seq if info.delivered is not None else 0
+        backlog = int(info.num_pending or 0) + int(sent or 0)
+        return _Broadcast(push, subjects, backlog)

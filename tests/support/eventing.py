@@ -217,15 +217,17 @@ async def open_bus(kind: str) -> AsyncIterator[Any]:
     from learnmesh.eventing.jetstream import JetStreamBus
 
     unique = uuid.uuid4().hex[:10]
-    bus = JetStreamBus(
-        NATS_URL,
-        stream=f"TEST_{unique}",
-        subject_prefix=f"test.{unique}.events",
-        durable_prefix=f"t{unique}_",
-    )
+    stream, prefix = f"TEST_{unique}", f"test.{unique}.events"
+    bus = JetStreamBus(NATS_URL, stream=stream, subject_prefix=prefix, durable_prefix=f"t{unique}_")
     await bus.start()
     try:
         yield bus
     finally:
-        await bus.delete_stream()
-        await bus.close()
+        await bus.close()  # a mesh given this bus may have closed it already
+        # The stream goes through a bus of its own, whatever state that one is in.
+        cleaner = JetStreamBus(NATS_URL, stream=stream, subject_prefix=prefix)
+        await cleaner.start()
+        try:
+            await cleaner.delete_stream()
+        finally:
+            await cleaner.close()
