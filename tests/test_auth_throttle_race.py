@@ -169,8 +169,19 @@ async def test_concurrent_codes_at_disable_mfa_get_at_most_the_limit_verified(
         ]
     )
 
-    assert counted.codes - before <= limit
-    answered = assert_refused_beyond_the_limit(results, limit)
+    # The right code's reservation is given back (it was no wrong guess), so one call more
+    # may be verified after it succeeded: by then whoever held the code has already won.
+    succeeded = any(isinstance(r, auth_pb2.DisableMfaResponse) for r in results)
+    assert counted.codes - before <= limit + (1 if succeeded else 0)
+    # Calls that looked after MFA was off verified nothing: FAILED_PRECONDITION, fine then.
+    off = [
+        r
+        for r in results
+        if isinstance(r, aio.AioRpcError) and r.code() == grpc.StatusCode.FAILED_PRECONDITION
+    ]
+    assert not off or succeeded
+    checked = [r for r in results if not any(r is o for o in off)]
+    answered = assert_refused_beyond_the_limit(checked, limit + (1 if succeeded else 0))
     for r in answered:
         if isinstance(r, aio.AioRpcError):
             assert r.code() == grpc.StatusCode.INVALID_ARGUMENT
