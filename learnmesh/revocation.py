@@ -87,10 +87,8 @@ class RevocationFeed:
         access_token_ttl: float,
         *,
         prune_interval: float,
-        owned_bus: Bus | None = None,
     ) -> None:
         self.broadcast = broadcast
-        self.owned_bus = owned_bus
         self.revocations = revocations
         self.access_token_ttl = access_token_ttl
         self.prune_interval = prune_interval
@@ -140,11 +138,7 @@ class RevocationFeed:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        try:
-            await self.broadcast.close()
-        finally:
-            if self.owned_bus is not None:
-                await self.owned_bus.close()
+        await self.broadcast.close()
 
 
 async def start_revocation_feed(
@@ -154,32 +148,18 @@ async def start_revocation_feed(
     *,
     catch_up_timeout: float = 10.0,
     prune_interval: float = 30.0,
-    owns_bus: bool = False,
 ) -> RevocationFeed:
     """Subscribes to every revocation of the last ``access_token_ttl`` seconds and on,
     applies those already published, and keeps applying new ones until ``aclose``.
-    Raises BusUnavailable when the bus cannot replay them within ``catch_up_timeout``.
-    With ``owns_bus`` the feed starts the bus first and closes it last."""
-    if owns_bus:
-        await bus.start()
+    Raises BusUnavailable when the bus (started: the process's, which the server starts
+    with its events) cannot replay them within ``catch_up_timeout``."""
+    since = time.time() - access_token_ttl - LEEWAY
+    broadcast = await bus.broadcast(EVENT_TYPES, since)
+    feed = RevocationFeed(broadcast, revocations, access_token_ttl, prune_interval=prune_interval)
     try:
-        since = time.time() - access_token_ttl - LEEWAY
-        broadcast = await bus.broadcast(EVENT_TYPES, since)
-        feed = RevocationFeed(
-            broadcast,
-            revocations,
-            access_token_ttl,
-            prune_interval=prune_interval,
-            owned_bus=bus if owns_bus else None,
-        )
-        try:
-            await feed.catch_up(catch_up_timeout)
-        except BaseException:
-            await broadcast.close()
-            raise
+        await feed.catch_up(catch_up_timeout)
     except BaseException:
-        if owns_bus:
-            await bus.close()
+        await broadcast.close()
         raise
     if feed.applied:
         log.info("revocation feed: %d revocations still in force", feed.applied)
