@@ -207,27 +207,13 @@ async def mesh_bus(kind: str) -> AsyncIterator[Any]:
 @asynccontextmanager
 async def open_bus(kind: str) -> AsyncIterator[Any]:
     """A started bus of ``kind`` ("memory" or "jetstream"; the latter with a stream and
-    subjects of its own, deleted afterwards)."""
-    if kind == "memory":
-        from learnmesh.eventing.memory import InProcessBus
-
-        yield InProcessBus()
-        return
-    await require_nats()
-    from learnmesh.eventing.jetstream import JetStreamBus
-
-    unique = uuid.uuid4().hex[:10]
-    stream, prefix = f"TEST_{unique}", f"test.{unique}.events"
-    bus = JetStreamBus(NATS_URL, stream=stream, subject_prefix=prefix, durable_prefix=f"t{unique}_")
-    await bus.start()
-    try:
-        yield bus
-    finally:
-        await bus.close()  # a mesh given this bus may have closed it already
-        # The stream goes through a bus of its own, whatever state that one is in.
-        cleaner = JetStreamBus(NATS_URL, stream=stream, subject_prefix=prefix)
-        await cleaner.start()
+    subjects of its own, deleted afterwards): ``mesh_bus``'s, started here."""
+    async with mesh_bus(kind) as bus:
+        if kind == "memory":
+            yield bus
+            return
+        await bus.start()
         try:
-            await cleaner.delete_stream()
+            yield bus
         finally:
-            await cleaner.close()
+            await bus.close()  # a mesh given this bus may have closed it already
