@@ -5,7 +5,9 @@ processed-events table (primary key: group + event id) — already there means a
 or a duplicate publish, which is acked and changes nothing — then the handler runs with the
 same session, the transaction commits, and only then is the delivery acked. A crash before
 the ack redelivers an event whose effect is committed, and its processed row makes the
-second delivery a no-op.
+second delivery a no-op. A fetched batch is applied in one such transaction (its events
+in the bus's order, one processed row each) and acked once it commits; when any handler of
+the batch fails, nothing of it commits and its deliveries are applied one by one as below.
 
 A failing handler's delivery is nakked with an exponential backoff; once its handler has
 failed ``max_deliveries`` times it goes to the dead-letter table with the last error and is
@@ -39,6 +41,7 @@ from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from learnmesh.db import Database, utcnow
 from learnmesh.eventing import dead_letters, metrics
@@ -169,15 +172,11 @@ class Consumer:
         metrics.CONSUMER_LAG.labels(self.group).set(await subscription.lag())
 
     async def process(self, deliveries: Sequence[Delivery]) -> None:
-        """Applies a batch: subjects concurrently, each subject's deliveries in order."""
-        by_key: dict[str, list[Delivery]] = {}
-        for delivery in deliveries:
-            by_key.setdefault(delivery.key, []).append(delivery)
+        """Applies a batch: in one transaction when every handler succeeds, else one
+        delivery at a time (subjects concurrently, each subject's deliveries in order)."""
         try:
-            done = await asyncio.gather(
-                *(self._in_order(key, found) for key, found in by_key.items()),
-                return_exceptions=True,
-            )
+            if not await self._apply_together(deliveries):
+                await self._one_by_one(deliveries)
         except asyncio.CancelledError:
             # Stopping: what this member took goes back at once (an answer to a delivery
             # already acked changes nothing; the processed table absorbs one whose
@@ -186,11 +185,108 @@ class Consumer:
                 with contextlib.suppress(BusUnavailable, OSError):
                     await delivery.nak(0)
             raise
-        for outcome in done:
+
+    async def _one_by_one(self, deliveries: Sequence[Delivery]) -> None:
+        by_key: dict[str, list[Delivery]] = {}
+        for delivery in deliveries:
+            by_key.setdefault(delivery.key, []).append(delivery)
+        done = await asyncio.gather(
+            *(self._in_order(key, found) for key, found in by_key.items()),
+            return_exceptions=True,
+        )
+        self._log_unanswered(done)
+
+    def _log_unanswered(self, outcomes: Sequence[object]) -> None:
+        for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 # An ack or nak the bus did not take: the delivery comes back after its
                 # ack wait, and the processed table absorbs it if it was applied.
                 log.warning("consumer %s: %s", self.group, dead_letters.describe_error(outcome))
+
+    async def _apply_together(self, deliveries: Sequence[Delivery]) -> bool:
+        """The whole batch in one transaction, in the bus's order (so each subject's
+        events in order), then acked; False, with nothing committed, when it must go one
+        by one: a handler failed, or an event is undecodable, held in a subject's line or
+        failed before (those need their attempts counted)."""
+        if len(deliveries) < 2:
+            return False
+        events: list[tuple[Delivery, events_pb2.Event]] = []
+        for delivery in deliveries:
+            if delivery.key in self._lines:
+                return False
+            try:
+                event = events_pb2.Event.FromString(delivery.data)
+            except DecodeError:
+                return False
+            if event.id in self._failures:
+                return False
+            events.append((delivery, event))
+        handled = [event for _, event in events if event.type in self.handlers.by_type]
+        applied: list[events_pb2.Event] = []
+        try:
+            async with self.db.write_transaction() as session:
+                new = await self._record_processed(session, handled)
+                for event in handled:
+                    if event.id not in new:
+                        continue
+                    new.discard(event.id)
+                    await self._run_handler(session, self.handlers.by_type[event.type], event)
+                    applied.append(event)
+        except Exception as exc:
+            log.debug("consumer %s: batch rolled back (%s); one by one", self.group, exc)
+            return False
+        self._log_unanswered(
+            await asyncio.gather(*(d.ack() for d, _ in events), return_exceptions=True)
+        )
+        applied_ids = {event.id for event in applied}
+        for event in handled:
+            counter = metrics.CONSUMED if event.id in applied_ids else metrics.DUPLICATES
+            counter.labels(self.group, event.type).inc()
+        return True
+
+    async def _record_processed(
+        self, session: AsyncSession, events: Sequence[events_pb2.Event]
+    ) -> set[str]:
+        """Inserts the events' processed rows; returns the ids that were not there yet."""
+        if not events:
+            return set()
+        insert = postgresql.insert if self.db.is_postgres else sqlite.insert
+        table = self.tables.processed
+        now = utcnow()
+        rows = [
+            {"consumer_group": self.group, "event_id": event.id, "processed_at": now}
+            for event in events
+        ]
+        added = await session.execute(
+            insert(table)
+            .values(rows)
+            .on_conflict_do_nothing(index_elements=["consumer_group", "event_id"])
+            .returning(table.c.event_id)
+        )
+        return set(added.scalars())
+
+    async def _run_handler(
+        self, session: AsyncSession, handler: EventHandler, event: events_pb2.Event
+    ) -> None:
+        """The handler in a consumer span that continues the emitting call's trace."""
+        parent = _propagator.extract({"traceparent": event.trace_parent})
+        with tracer.start_as_current_span(
+            f"{event.type} process",
+            context=parent,
+            kind=trace.SpanKind.CONSUMER,
+            attributes={
+                "messaging.operation.type": "process",
+                "messaging.consumer.group.name": self.group,
+                "messaging.message.id": event.id,
+                "learnmesh.event.subject": event.subject,
+            },
+        ):
+            data = handler.message()
+            if not event.data.Unpack(data):
+                raise TypeError(
+                    f"{event.type} carries {event.data.TypeName()}, not {data.DESCRIPTOR.full_name}"
+                )
+            await handler.handle(session, event, data)
 
     async def _in_order(self, key: str, deliveries: list[Delivery]) -> None:
         for delivery in deliveries:
@@ -233,24 +329,10 @@ class Consumer:
         if handler is None:
             await delivery.ack()
             return None
-        parent = _propagator.extract({"traceparent": event.trace_parent})
-        with tracer.start_as_current_span(
-            f"{event.type} process",
-            context=parent,
-            kind=trace.SpanKind.CONSUMER,
-            attributes={
-                "messaging.operation.type": "process",
-                "messaging.consumer.group.name": self.group,
-                "messaging.message.id": event.id,
-                "learnmesh.event.subject": event.subject,
-            },
-        ) as span:
-            try:
-                applied = await self._apply(handler, event)
-            except Exception as exc:
-                span.record_exception(exc)
-                span.set_status(trace.StatusCode.ERROR)
-                return await self._failed(delivery, event, exc)
+        try:
+            applied = await self._apply(handler, event)
+        except Exception as exc:
+            return await self._failed(delivery, event, exc)
         self._failures.pop(event.id, None)
         await delivery.ack()
         counter = metrics.CONSUMED if applied else metrics.DUPLICATES
@@ -260,22 +342,10 @@ class Consumer:
     async def _apply(self, handler: EventHandler, event: events_pb2.Event) -> bool:
         """The processed row and the handler's effect in one transaction; False when the
         group had processed the event already."""
-        insert = postgresql.insert if self.db.is_postgres else sqlite.insert
-        table = self.tables.processed
         async with self.db.write_transaction() as session:
-            added = await session.execute(
-                insert(table)
-                .values(consumer_group=self.group, event_id=event.id, processed_at=utcnow())
-                .on_conflict_do_nothing(index_elements=["consumer_group", "event_id"])
-            )
-            if getattr(added, "rowcount", 1) == 0:
+            if not await self._record_processed(session, [event]):
                 return False
-            data = handler.message()
-            if not event.data.Unpack(data):
-                raise TypeError(
-                    f"{event.type} carries {event.data.TypeName()}, not {data.DESCRIPTOR.full_name}"
-                )
-            await handler.handle(session, event, data)
+            await self._run_handler(session, handler, event)
         return True
 
     async def _failed(

@@ -10,6 +10,7 @@ processes wake too.
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from collections import defaultdict
 from datetime import datetime
@@ -17,7 +18,7 @@ from datetime import datetime
 from google.protobuf import any_pb2, timestamp_pb2
 from google.protobuf.message import Message
 from opentelemetry import trace
-from sqlalchemy import Table, event, insert, text
+from sqlalchemy import LargeBinary, Table, TextClause, bindparam, event, insert, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
@@ -106,26 +107,41 @@ async def emit(
     now = utcnow()
     service = table.name.removesuffix("_outbox")
     built = build_event(source or service, event_type, subject, data, now)
-    postgres = session.get_bind().dialect.name == "postgresql"
-    if postgres:
-        await session.execute(
-            text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
-            {"key": f"{table.name}:{subject}"},
-        )
-    await session.execute(
-        insert(table).values(
-            id=built.id,
-            type=event_type,
-            subject=subject,
-            created_at=now,
-            payload=built.SerializeToString(),
-        )
-    )
+    row = {
+        "id": built.id,
+        "type": event_type,
+        "subject": subject,
+        "created_at": now,
+        "payload": built.SerializeToString(),
+    }
     written: set[str] = session.sync_session.info.setdefault(_WRITTEN, set())
-    if table.name not in written:
-        written.add(table.name)
-        if postgres:
-            await session.execute(
-                text("SELECT pg_notify(:channel, '')"), {"channel": notify_channel(table.name)}
-            )
+    first = table.name not in written
+    written.add(table.name)
+    if session.get_bind().dialect.name == "postgresql":
+        # The lock, the row and (once per transaction) the NOTIFY in one round trip.
+        statement = _postgres_emit(table, notify=first)
+        await session.execute(
+            statement,
+            {**row, "key": f"{table.name}:{subject}", "channel": notify_channel(table.name)},
+        )
+    else:
+        await session.execute(insert(table).values(row))
     return built
+
+
+@functools.cache
+def _postgres_emit(table: Table, *, notify: bool) -> TextClause:
+    """INSERT … SELECT from the lock: the row (and its ``seq``) is made after the lock is
+    held, as the source row of the insert cannot exist before its CTE ran."""
+    name = table.name
+    notifying = ", note AS (SELECT pg_notify(:channel, '')) " if notify else " "
+    source = "FROM held, note" if notify else "FROM held"
+    return text(
+        f"WITH held AS (SELECT pg_advisory_xact_lock(hashtext(:key))){notifying}"
+        f'INSERT INTO "{name}" (id, type, subject, created_at, payload) '
+        "SELECT CAST(:id AS VARCHAR), CAST(:type AS VARCHAR), CAST(:subject AS VARCHAR), "
+        f"CAST(:created_at AS TIMESTAMPTZ), CAST(:payload AS BYTEA) {source}"
+    ).bindparams(
+        bindparam("created_at", type_=table.c.created_at.type),
+        bindparam("payload", type_=LargeBinary),
+    )

@@ -85,7 +85,7 @@ class Relay:
         waiter = self._waiter = wake_on_commit(self.table.name)
         listener = asyncio.create_task(self._listen(waiter)) if self.db.is_postgres else None
         failures = 0
-        last_purge = 0.0
+        last_purge = last_backlog = 0.0
         loop = asyncio.get_running_loop()
         republished = not self.bus.volatile
         try:
@@ -99,7 +99,10 @@ class Relay:
                     if loop.time() - last_purge >= self.purge_interval:
                         await self.purge_published()
                         last_purge = loop.time()
-                    await self.measure_backlog()
+                    # Each idle round, and at most once a second while busy (a COUNT).
+                    if published < self.batch or loop.time() - last_backlog >= 1.0:
+                        await self.measure_backlog()
+                        last_backlog = loop.time()
                 except (BusUnavailable, OSError, SQLAlchemyError) as exc:
                     failures += 1
                     delay = min(self.retry_max, self.retry_base * 2 ** (failures - 1))
