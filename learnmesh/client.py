@@ -56,6 +56,21 @@ def target_of(address: str) -> str:
     return address
 
 
+def authority_of(target: str) -> str | None:
+    """The authority of a static list's channel: its first address.
+
+    gRPC would otherwise take the whole list ("a:1,b:2") as the authority, which no
+    server certificate names, so every TLS handshake failed its hostname check. Each
+    replica's certificate must then carry the first address's host (the dev CA's carry
+    localhost and 127.0.0.1); replicas on several hosts are better named by one DNS name
+    (``dns:///auth.internal:50051``) that every replica's certificate carries.
+    """
+    scheme, _, rest = target.partition(":")
+    if scheme not in ("ipv4", "ipv6") or "," not in rest:
+        return None
+    return rest.split(",", 1)[0]
+
+
 class ClientFactory:
     def __init__(
         self,
@@ -124,7 +139,13 @@ class ClientFactory:
         target = target_of(self.address_of(service))
         channel = self._channels.get(target)
         if channel is None:
-            options = [("grpc.service_config", self._config), ("grpc.enable_retries", 1)]
+            options: list[tuple[str, str | int]] = [
+                ("grpc.service_config", self._config),
+                ("grpc.enable_retries", 1),
+            ]
+            authority = authority_of(target)
+            if authority is not None:
+                options.append(("grpc.default_authority", authority))
             interceptors = self._chain(target)
             if self.credentials is None:
                 channel = aio.insecure_channel(target, options, interceptors=interceptors)

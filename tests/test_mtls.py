@@ -14,6 +14,7 @@ import grpc
 import pytest
 from grpc import aio
 
+from learnmesh.client import ClientFactory
 from learnmesh.user.v1 import user_pb2, user_pb2_grpc
 from tests.conftest import Mesh, mesh_settings, running_mesh
 from tests.support.authority import Authority
@@ -128,3 +129,19 @@ async def test_old_tls_versions_are_refused(tls_mesh: Mesh) -> None:
         else:
             writer.close()
             assert accepted, f"{version.name} was accepted"
+
+
+async def test_a_static_list_of_replicas_passes_the_hostname_check(tls_mesh: Mesh) -> None:
+    """``host:port,host:port`` over mTLS: the handshake checks the first address's host,
+    not the whole list (which no certificate names: every call was UNAVAILABLE)."""
+    address = tls_mesh.server.address
+    settings = replace(tls_mesh.settings, user_address=f"{address},{address}")
+    factory = ClientFactory.for_caller(settings, "web")
+    try:
+        for _ in range(4):
+            with pytest.raises(aio.AioRpcError) as err:
+                await factory.stub("user").GetMe(user_pb2.GetMeRequest(), timeout=3)
+            # Through the handshake and the chain: refused only for want of an access token.
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await factory.close()
