@@ -107,12 +107,13 @@ class RevocationFeed:
         while self.broadcast.replaying:
             left = deadline - loop.time()
             data = await self.broadcast.next(wait=left) if left > 0 else None
-            if data is None:
+            if data is None and self.broadcast.replaying:
                 raise BusUnavailable(
                     f"the revocation feed did not catch up within {within} s: "
                     "this process cannot know which tokens are revoked"
                 )
-            self._take(data)
+            if data is not None:
+                self._take(data)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="revocation-feed")

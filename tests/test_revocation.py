@@ -35,6 +35,8 @@ from learnmesh.eventing.jetstream import JetStreamBus
 from learnmesh.eventing.outbox import build_event
 from learnmesh.events.v1 import events_pb2
 from learnmesh.kernel.refusals import TOKEN_REJECTED
+from learnmesh.kernel.revocations import RevocationList
+from learnmesh.revocation import start_revocation_feed
 from learnmesh.user.v1 import user_pb2, user_pb2_grpc
 from tests.conftest import (
     PASSWORD,
@@ -405,6 +407,32 @@ async def test_a_broadcast_recreated_after_a_gap_delivers_what_it_missed():
                 got.append(events_pb2.Event.FromString(data).id)
         assert got == sent
         await broadcast.close()
+    finally:
+        await bus.delete_stream()
+        await bus.close()
+
+
+async def test_a_replay_ending_on_events_of_other_types_is_caught_up_at_once():
+    """The feed reads three types through the stream's wildcard (one filter subject on NATS
+    2.9): a stream whose last events are of other types (user.created) is caught up as soon
+    as they are skipped; a process used to wait out its catch-up time and refuse to start
+    whenever the newest event in the stream was not one the feed reads."""
+    await require_nats()
+    unique = uuid.uuid4().hex[:10]
+    bus = JetStreamBus(NATS_URL, stream=f"TEST_{unique}", subject_prefix=f"test.{unique}.events")
+    await bus.start()
+    try:
+        await publish(bus, "session.revoked", "gone", session_revoked("gone", ["s1"]))
+        for _ in range(3):
+            await publish(bus, "user.created", "u", events_pb2.UserCreated(user_id="u"))
+        revocations = RevocationList()
+        began = time.monotonic()
+        feed = await start_revocation_feed(bus, revocations, 900, catch_up_timeout=5)
+        try:
+            assert time.monotonic() - began < 2
+            assert feed.applied == 1
+        finally:
+            await feed.aclose()
     finally:
         await bus.delete_stream()
         await bus.close()

@@ -130,6 +130,8 @@ class _Broadcast:
         return self.left > 0
 
     async def next(self, wait: float) -> bytes | None:
+        """The next matching message's data; None after ``wait`` seconds without one, or
+        as soon as the replay is over when its last messages were not of these types."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
@@ -145,6 +147,10 @@ class _Broadcast:
             self.left = max(self.left - 1, int(msg.metadata.num_pending or 0))
             if msg.subject in self.subjects:  # one filter subject only on NATS 2.9
                 return msg.data
+            if self.left == 0:
+                # The replay ended on a message of another type: say so now rather than
+                # wait for a matching one (a catch-up would take that wait for a timeout).
+                return None
 
     async def close(self) -> None:
         try:
