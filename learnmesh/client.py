@@ -142,6 +142,10 @@ class ClientFactory:
             options: list[tuple[str, str | int]] = [
                 ("grpc.service_config", self._config),
                 ("grpc.enable_retries", 1),
+                (
+                    "grpc.max_reconnect_backoff_ms",
+                    int(self.settings.client.max_reconnect_backoff * 1000),
+                ),
             ]
             authority = authority_of(target)
             if authority is not None:

@@ -219,6 +219,9 @@ class ClientSettings:
     # Native gRPC retry throttling (the retry budget): tokens and refill per success.
     retry_budget_tokens: int = field(default=10, metadata=_check(_positive))
     retry_budget_ratio: float = 0.1
+    # The longest wait between a channel's tries to reconnect to a target that went away
+    # (gRPC's own default is 120 s: a restarted replica would stay unreachable that long).
+    max_reconnect_backoff: float = field(default=5.0, metadata=_check(_positive_float))
 
 
 @dataclass(frozen=True)
