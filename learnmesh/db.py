@@ -200,7 +200,11 @@ class Database:
             self._writer_lock = (loop, asyncio.Lock())
         lock = self._writer_lock[1]
         try:
-            await asyncio.wait_for(lock.acquire(), SQLITE_BUSY_TIMEOUT)
+            # asyncio.timeout, not wait_for: wait_for runs the acquire in a task of its own,
+            # and a relay cancelled later in its idle wait then never finished cancelling
+            # (seen on Python 3.11.7).
+            async with asyncio.timeout(SQLITE_BUSY_TIMEOUT):
+                await lock.acquire()
         except TimeoutError:
             raise OperationalError(
                 "BEGIN IMMEDIATE", None, Exception("database is locked (waited for a writer)")

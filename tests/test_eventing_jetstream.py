@@ -18,6 +18,7 @@ import pytest
 from nats.js.api import StorageType
 from sqlalchemy import func, select
 
+from learnmesh.eventing.bus import BusUnavailable
 from learnmesh.eventing.jetstream import JetStreamBus
 from learnmesh.eventing.relay import Relay
 from tests.conftest import IN_CI
@@ -227,3 +228,19 @@ async def test_a_relay_retries_until_nats_is_back(tmp_path):
                 await bus.close()
     finally:
         await server.stop()
+
+
+async def test_a_stream_refused_by_nats_says_why():
+    """A second stream over the same subjects is refused by NATS: the start says so (it
+    used to say "stream not found", from the update it tried next)."""
+    await require_nats()
+    unique = uuid.uuid4().hex[:10]
+    first = JetStreamBus(NATS_URL, stream=f"TEST_{unique}_A", subject_prefix=f"test.{unique}")
+    await first.start()
+    try:
+        second = JetStreamBus(NATS_URL, stream=f"TEST_{unique}_B", subject_prefix=f"test.{unique}")
+        with pytest.raises(BusUnavailable, match=f"stream TEST_{unique}_B cannot be created"):
+            await second.start()
+    finally:
+        await first.delete_stream()
+        await first.close()

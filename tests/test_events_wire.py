@@ -246,7 +246,10 @@ async def test_readyz_reports_the_bus(tmp_path: Path) -> None:
         assert json.loads(body)["checks"] == {"database": "ok", "bus": "ok"}
         await up.stop()
     await require_nats()
-    bus = JetStreamBus(NATS_URL, stream=f"TEST_{uuid.uuid4().hex[:10]}")
+    unique = uuid.uuid4().hex[:10]
+    # Subjects of its own: a LEARNMESH_EVENTS stream already on the server holds the
+    # default ones, and NATS refuses a second stream over them.
+    bus = JetStreamBus(NATS_URL, stream=f"TEST_{unique}", subject_prefix=f"test.{unique}.events")
     await bus.start()
     try:
         await bus.ping()

@@ -252,8 +252,15 @@ class JetStreamBus:
             try:
                 await self.js.add_stream(config)
                 return
-            except nats.js.errors.BadRequestError:
-                pass  # another replica created it meanwhile: bring it to these settings
+            except nats.js.errors.BadRequestError as refused:
+                # Another replica created it meanwhile (bring it to these settings below),
+                # or NATS refused it, for example as its subjects overlap another stream's.
+                try:
+                    await self.js.stream_info(self.stream)
+                except nats.js.errors.NotFoundError:
+                    raise BusUnavailable(
+                        f"stream {self.stream} cannot be created: {refused.description}"
+                    ) from refused
         await self.js.update_stream(config)
 
     async def close(self) -> None:
