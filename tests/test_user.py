@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError
 from learnmesh.auth.v1 import auth_pb2
 from learnmesh.common.v1 import common_pb2
 from learnmesh.user.v1 import user_pb2
-from tests.conftest import ADMIN_EMAIL, Mesh, bearer
+from tests.conftest import ADMIN_EMAIL, PASSWORD, Mesh, bearer
 from tests.support.mesh import audit_rows, new_email
 from tests.support.status import error_reason, refused, violations
 
@@ -429,7 +429,9 @@ async def test_set_role_by_admin_is_audited(
         metadata=bearer(admin.access_token),
     )
     assert response.user.role == user_pb2.ROLE_INSTRUCTOR
-    me = (await mesh.user.GetMe(user_pb2.GetMeRequest(), metadata=bearer(alice.access_token))).user
+    # Her older tokens are refused once the role change reaches the auth link: sign in.
+    again = await mesh.auth.Login(auth_pb2.LoginRequest(email=alice.user.email, password=PASSWORD))
+    me = (await mesh.user.GetMe(user_pb2.GetMeRequest(), metadata=bearer(again.access_token))).user
     assert me.role == user_pb2.ROLE_INSTRUCTOR
 
     rows = await audit_rows(mesh, alice.user.id, "role.changed")
