@@ -222,25 +222,26 @@ class Consumer:
                 return False
             events.append((delivery, event))
         handled = [event for _, event in events if event.type in self.handlers.by_type]
-        applied: list[events_pb2.Event] = []
+        # Each handled delivery and whether it was applied (False: processed already, or
+        # a second copy of an event in this batch).
+        outcomes: list[tuple[events_pb2.Event, bool]] = []
         try:
             async with self.db.write_transaction() as session:
                 new = await self._record_processed(session, handled)
                 for event in handled:
-                    if event.id not in new:
-                        continue
-                    new.discard(event.id)
-                    await self._run_handler(session, self.handlers.by_type[event.type], event)
-                    applied.append(event)
+                    fresh = event.id in new
+                    if fresh:
+                        new.discard(event.id)
+                        await self._run_handler(session, self.handlers.by_type[event.type], event)
+                    outcomes.append((event, fresh))
         except Exception as exc:
             log.debug("consumer %s: batch rolled back (%s); one by one", self.group, exc)
             return False
         self._log_unanswered(
             await asyncio.gather(*(d.ack() for d, _ in events), return_exceptions=True)
         )
-        applied_ids = {event.id for event in applied}
-        for event in handled:
-            counter = metrics.CONSUMED if event.id in applied_ids else metrics.DUPLICATES
+        for event, fresh in outcomes:
+            counter = metrics.CONSUMED if fresh else metrics.DUPLICATES
             counter.labels(self.group, event.type).inc()
         return True
 
