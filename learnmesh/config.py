@@ -296,6 +296,15 @@ class EventSettings:
 
 
 @dataclass(frozen=True)
+class CourseSettings:
+    # Seconds an instructor's display name from the user service is used without asking it
+    # again (while its channel is connected and no user.updated event said it changed).
+    instructor_ttl: float = field(default=10.0, metadata=_check(_positive_float))
+    # Seconds a read waits for the user service before answering with the last known names.
+    user_timeout: float = field(default=2.0, metadata=_check(_positive_float))
+
+
+@dataclass(frozen=True)
 class Settings:
     # Everything the embedded defaults write: SQLite file, keys, mail, certificates.
     var_dir: str = "var"
@@ -320,6 +329,7 @@ class Settings:
     client: ClientSettings = field(default_factory=ClientSettings)
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     events: EventSettings = field(default_factory=EventSettings)
+    course: CourseSettings = field(default_factory=CourseSettings)
 
     @property
     def var_path(self) -> Path:

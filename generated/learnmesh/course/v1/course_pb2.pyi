@@ -47,17 +47,23 @@ class Instructor(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    STALE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     display_name: _builtins.str
+    stale: _builtins.bool
+    """True when the user service could not be reached for this answer: display_name is the
+    last name the course service knew (empty if it never knew one).
+    """
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
         display_name: _builtins.str = ...,
+        stale: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name", "id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name", "id", b"id", "stale", b"stale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -77,6 +83,7 @@ class Course(_message.Message):
     ENROLLMENT_COUNT_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    ARCHIVED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     title: _builtins.str
     description: _builtins.str
@@ -84,6 +91,10 @@ class Course(_message.Message):
     level: Global___Level.ValueType
     lesson_count: _builtins.int
     enrollment_count: _builtins.int
+    archived: _builtins.bool
+    """Deleted while students were enrolled: out of the catalogue, still readable by its
+    students, its instructor and admins.
+    """
     @_builtins.property
     def instructor(self) -> Global___Instructor: ...
     @_builtins.property
@@ -103,10 +114,11 @@ class Course(_message.Message):
         enrollment_count: _builtins.int = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        archived: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "instructor", b"instructor", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "created_at", b"created_at", "description", b"description", "enrollment_count", b"enrollment_count", "id", b"id", "instructor", b"instructor", "lesson_count", b"lesson_count", "level", b"level", "title", b"title", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archived", b"archived", "category", b"category", "created_at", b"created_at", "description", b"description", "enrollment_count", b"enrollment_count", "id", b"id", "instructor", b"instructor", "lesson_count", b"lesson_count", "level", b"level", "title", b"title", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -163,11 +175,17 @@ class ListCoursesRequest(_message.Message):
     page_size: _builtins.int
     """1 to 100; 20 when absent."""
     page_token: _builtins.str
+    """A next_page_token of the same query; ordered by title, it carries the last title."""
     category: _builtins.str
     level: Global___Level.ValueType
     search: _builtins.str
+    """Full-text search over title and description: every word must match (English stemming,
+    common words ignored).
+    """
     order_by: _builtins.str
-    """"created_at desc" (default), "created_at", "title", "enrollment_count desc"."""
+    """"created_at desc" (default), "created_at", "title", "enrollment_count desc". With
+    search and no order_by: by relevance (courses matching in the title first), then newest.
+    """
     def __init__(
         self,
         *,
@@ -598,9 +616,12 @@ class Progress(_message.Message):
     TOTAL_LESSONS_FIELD_NUMBER: _builtins.int
     COMPLETED_LESSON_IDS_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    PERCENT_FIELD_NUMBER: _builtins.int
     course_id: _builtins.str
     completed_lessons: _builtins.int
     total_lessons: _builtins.int
+    percent: _builtins.float
+    """completed_lessons / total_lessons × 100 (0 for a course without lessons)."""
     @_builtins.property
     def completed_lesson_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -613,10 +634,11 @@ class Progress(_message.Message):
         total_lessons: _builtins.int = ...,
         completed_lesson_ids: _abc.Iterable[_builtins.str] | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        percent: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_lesson_ids", b"completed_lesson_ids", "completed_lessons", b"completed_lessons", "course_id", b"course_id", "total_lessons", b"total_lessons", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_lesson_ids", b"completed_lesson_ids", "completed_lessons", b"completed_lessons", "course_id", b"course_id", "percent", b"percent", "total_lessons", b"total_lessons", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
