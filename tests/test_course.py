@@ -311,7 +311,9 @@ async def test_bad_input_is_refused_naming_the_field(mesh: Mesh, teacher: Accoun
     assert "course_id" in violations(err)
     err = await refused(
         stub.CreateCourse(
-            course_pb2.CreateCourseRequest(title="Tiny", description="short", category="", level=course_pb2.LEVEL_UNSPECIFIED),
+            course_pb2.CreateCourseRequest(
+                title="Tiny", description="short", category="", level=course_pb2.LEVEL_UNSPECIFIED
+            ),
             metadata=teacher.metadata,
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
