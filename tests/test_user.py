@@ -6,6 +6,8 @@ validation are part of what is tested.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import uuid
 from typing import Any
@@ -383,7 +385,13 @@ async def test_list_users_refuses_tampered_or_foreign_page_tokens(
     token = first.next_page_token
     assert token
 
+    # Well formed, naming a real position, but not signed with the service's key.
+    position = base64.urlsafe_b64decode(token.split(".")[0] + "==")
+    unsigned = base64.urlsafe_b64encode(position).decode().rstrip("=") + "."
+    made_up = unsigned + base64.urlsafe_b64encode(hashlib.sha256(position).digest()[:16]).decode()
     tampered = [
+        made_up.rstrip("="),
+        unsigned,
         token[:-2] + ("AA" if token[-2:] != "AA" else "BB"),
         "not-a-token",
         "!!!",

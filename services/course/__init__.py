@@ -27,6 +27,7 @@ OWNED = ("UpdateCourse", "DeleteCourse", "CreateLesson")
 async def create(runtime: Runtime) -> CourseServicer:
     """Builds the servicer (imported here so that importing the package stays light)."""
     from learnmesh.page_tokens import PageTokens
+    from learnmesh.shared_secrets import PAGE_TOKENS, shared_secret
     from services.course import store, user_events
     from services.course.catalogue import Catalogue
     from services.course.enrolment import Enrolment
@@ -34,7 +35,7 @@ async def create(runtime: Runtime) -> CourseServicer:
     from services.course.servicer import CourseServicer
 
     async with runtime.db.transaction() as session:
-        key = await store.secret(session, store.PAGE_TOKEN_KEY)
+        key = await shared_secret(session, store.course_secrets, PAGE_TOKENS)
     instructors = Instructors(runtime.db, runtime.clients, runtime.settings.course)
     catalogue = Catalogue(runtime.db, instructors, PageTokens(key), PageTokens(key))
     return CourseServicer(catalogue, Enrolment(runtime.db), user_events.consumed(instructors))

@@ -1,7 +1,7 @@
 """The course service's tables and queries (SQLAlchemy 2; SQLite and PostgreSQL).
 
 Courses, lessons, enrolments and completed lessons, the last known names of instructors,
-the service's page-token key, its audit trail and event tables. Only this module writes
+the shared page-token key, its audit trail and event tables. Only this module writes
 SQL; the rules are in ``catalogue.py`` and ``enrolment.py``.
 
 Full-text search differs by database, with the same meaning: on PostgreSQL two generated
@@ -12,7 +12,6 @@ by the migration, so the models here do not name them.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,7 +23,6 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
-    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -48,6 +46,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from learnmesh.audit import audit_table
 from learnmesh.db import UtcDateTime
 from learnmesh.eventing.tables import event_tables
+from learnmesh.shared_secrets import secrets_table
 
 
 class Base(DeclarativeBase):
@@ -160,38 +159,15 @@ class InstructorRow(Base):
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
-class SecretRow(Base):
-    """Keys every replica shares (the page-token key), made by the first to need one."""
-
-    __tablename__ = "course_secrets"
-
-    name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    value: Mapped[bytes] = mapped_column(LargeBinary)
-
-
 course_audit = audit_table("course_audit", Base.metadata)
 events = event_tables("course", Base.metadata)
-
-PAGE_TOKEN_KEY = "page_tokens"
+# Keys every replica shares (learnmesh.shared_secrets): the page-token key.
+course_secrets = secrets_table("course_secrets", Base.metadata)
 _search = table("course_search", column("rowid"))
 
 
 def _insert(session: AsyncSession) -> Any:
     return pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-
-
-async def secret(session: AsyncSession, name: str, size: int = 32) -> bytes:
-    """The secret ``name``, made (random) by the first caller; every caller gets the same."""
-    statement = (
-        _insert(session)(SecretRow)
-        .values(name=name, value=secrets.token_bytes(size))
-        .on_conflict_do_nothing(index_elements=["name"])
-    )
-    await session.execute(statement)
-    value: bytes = (
-        await session.execute(select(SecretRow.value).where(SecretRow.name == name))
-    ).scalar_one()
-    return value
 
 
 # --- courses ---

@@ -15,10 +15,15 @@ if TYPE_CHECKING:
 
 async def create(runtime: Runtime) -> UserServicer:
     """Builds the servicer (imported here so that importing the package stays light)."""
+    from learnmesh.page_tokens import PageTokens
+    from learnmesh.shared_secrets import PAGE_TOKENS, shared_secret
+    from services.user import store
     from services.user.profiles import Profiles
     from services.user.servicer import UserServicer
 
-    return UserServicer(Profiles(runtime.db), runtime.clients)
+    async with runtime.db.transaction() as session:
+        key = await shared_secret(session, store.user_secrets, PAGE_TOKENS)
+    return UserServicer(Profiles(runtime.db, PageTokens(key)), runtime.clients)
 
 
 SERVICE = ServiceDefinition(

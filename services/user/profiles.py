@@ -15,13 +15,9 @@ EMAIL --role admin`` (``promote``), never by registering a particular address.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
-import hashlib
 import json
 import unicodedata
-import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -40,6 +36,7 @@ from learnmesh.kernel.errors import (
     InvalidArgument,
     NotFound,
 )
+from learnmesh.page_tokens import PageTokens
 from services.user import store
 
 ADMIN = "admin"
@@ -176,37 +173,20 @@ def _echo(path: str) -> str:
     return repr(shown)
 
 
-def _fingerprint(*parts: str) -> str:
-    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
-
-
-def encode_page_token(last: Profile, role: str, text: str) -> str:
-    """Opaque cursor: the last row's (created_at, id) and a fingerprint binding them to the
-    filters, so a token replayed with other filters (or edited) is recognised."""
-    micros = (last.created_at - EPOCH) // MICROSECOND
-    payload = {"t": micros, "i": last.id, "f": _fingerprint(str(micros), last.id, role, text)}
-    raw = json.dumps(payload, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_page_token(token: str, role: str, text: str) -> tuple[datetime, str]:
+def _resume(position: list[object]) -> tuple[datetime, str]:
+    """A signed (created_at, id) position back to values (its shape checked again)."""
     refused = InvalidArgument.field(
-        "page_token",
-        "not a next_page_token of this listing with these filters; start again without one",
+        "page_token", "not a next_page_token of this listing; start again without one"
     )
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        payload = json.loads(raw)
-        micros, last_id, fingerprint = payload["t"], payload["i"], payload["f"]
-        if not isinstance(micros, int) or not isinstance(last_id, str):
-            raise refused
-        uuid.UUID(last_id)
-        created_at = EPOCH + micros * MICROSECOND
-    except (binascii.Error, ValueError, TypeError, KeyError, OverflowError):
-        raise refused from None
-    if fingerprint != _fingerprint(str(micros), last_id, role, text):
+    if len(position) != 2:
         raise refused
-    return created_at, last_id
+    micros, last_id = position
+    if not isinstance(micros, int) or isinstance(micros, bool) or not isinstance(last_id, str):
+        raise refused
+    try:
+        return EPOCH + micros * MICROSECOND, last_id
+    except OverflowError:
+        raise refused from None
 
 
 async def _emit_updated(session: AsyncSession, user_id: str, changed: list[str]) -> None:
@@ -218,8 +198,10 @@ async def _emit_updated(session: AsyncSession, user_id: str, changed: list[str])
 class Profiles:
     """The rules of the user service over its store."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, page_tokens: PageTokens | None = None) -> None:
         self.db = db
+        # Signs ListUsers' page tokens (None: a Profiles that never lists, as the CLI's).
+        self.page_tokens = page_tokens
 
     async def create(self, user_id: str, email: str, display_name: str) -> Profile:
         """Creates a profile; a retry with the same id and email returns it unchanged."""
@@ -357,13 +339,22 @@ class Profiles:
 
     async def page(self, *, page_size: int | None, page_token: str, role: str, text: str) -> Page:
         """Newest first, one page; next_page_token is empty on the last page."""
+        if self.page_tokens is None:
+            raise RuntimeError("this Profiles was made without page tokens")
         size = DEFAULT_PAGE_SIZE if page_size is None else page_size
-        after = decode_page_token(page_token, role, text) if page_token else None
+        # A token is signed with its filters: replayed with others, or edited, it is refused.
+        query = ["users", role, text]
+        after = None
+        if page_token:
+            after = _resume(self.page_tokens.decode(page_token, query=query))
         async with self.db.transaction() as session:
             rows = await store.page(session, limit=size + 1, after=after, role=role, text=text)
         profiles = [Profile.of(row) for row in rows[:size]]
-        more = len(rows) > size
-        token = encode_page_token(profiles[-1], role, text) if more and profiles else ""
+        token = ""
+        if len(rows) > size and profiles:
+            last = profiles[-1]
+            position = [(last.created_at - EPOCH) // MICROSECOND, last.id]
+            token = self.page_tokens.encode(position, query=query)
         return Page(profiles, token)
 
     async def set_role(self, user_id: str, role: str, *, actor: str) -> Profile:

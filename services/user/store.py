@@ -16,6 +16,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from learnmesh.audit import audit_table
 from learnmesh.db import UtcDateTime
 from learnmesh.eventing.tables import event_tables
+from learnmesh.shared_secrets import secrets_table
 
 
 class Base(DeclarativeBase):
@@ -47,6 +48,8 @@ class ProfileRow(Base):
 user_audit = audit_table("user_audit", Base.metadata)
 # Its outbox, processed events and dead letters (migration 0003).
 events = event_tables("user", Base.metadata)
+# Keys every replica shares (migration 0004): the page-token key.
+user_secrets = secrets_table("user_secrets", Base.metadata)
 
 
 async def get(

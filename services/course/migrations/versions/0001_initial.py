@@ -14,6 +14,7 @@ from alembic import op
 
 from learnmesh.audit import append_only_ddl
 from learnmesh.eventing.tables import create_event_tables, drop_event_tables
+from learnmesh.shared_secrets import create_secrets_table
 
 revision: str = "0001"
 down_revision: str | Sequence[str] | None = None
@@ -125,11 +126,7 @@ def upgrade() -> None:
         sa.Column("refresh_due", sa.Boolean, nullable=False, server_default=sa.false()),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     )
-    op.create_table(
-        "course_secrets",
-        sa.Column("name", sa.String(64), primary_key=True),
-        sa.Column("value", sa.LargeBinary, nullable=False),
-    )
+    create_secrets_table(op.get_bind(), "course_secrets")
 
     op.create_table(
         "course_audit",
