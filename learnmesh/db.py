@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import time
@@ -142,6 +143,11 @@ def _sqlite_file(url: Any) -> str | None:
     return str(database)
 
 
+def lock_id(name: str) -> int:
+    """A stable signed 64-bit number for ``name`` (a PostgreSQL advisory lock key)."""
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big", signed=True)
+
+
 class Database:
     """One engine and session factory per process."""
 
@@ -190,6 +196,21 @@ class Database:
         # contention most waiters then ran out of busy_timeout with "database is locked").
         async with self._writer(), self.sessions() as session, session.begin():
             await session.execute(text("BEGIN IMMEDIATE"))
+            yield session
+
+    @asynccontextmanager
+    async def serialised(self, *names: str) -> AsyncIterator[AsyncSession]:
+        """A transaction that runs alone among those serialised on any of ``names`` (a
+        count-then-insert rule: a throttle, a quota). PostgreSQL takes transaction-scoped
+        advisory locks, in a fixed order so that two callers never wait on each other in a
+        cycle; SQLite takes the database's one write lock first (``write_transaction``)."""
+        if not self.is_postgres:
+            async with self.write_transaction() as session:
+                yield session
+            return
+        async with self.transaction() as session:
+            for key in sorted({lock_id(name) for name in names}):
+                await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
             yield session
 
     @asynccontextmanager

@@ -6,14 +6,8 @@ none of them builds keys, hashers or clients of its own.
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
-
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from learnmesh import audit
 from learnmesh.config import AuthSettings
@@ -23,11 +17,6 @@ from services.auth import mfa, store
 from services.auth.passwords import Passwords
 from services.auth.tokens import Tokens
 from services.auth.users import UserDirectory
-
-
-def lock_id(name: str) -> int:
-    """A stable signed 64-bit number for ``name`` (a PostgreSQL advisory lock key)."""
-    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big", signed=True)
 
 
 @dataclass(frozen=True)
@@ -46,20 +35,10 @@ class Deps:
         """A session in a transaction (committed on success, rolled back on error)."""
         return self.runtime.db.transaction()
 
-    @asynccontextmanager
-    async def serialised(self, *names: str) -> AsyncIterator[AsyncSession]:
-        """A transaction that runs alone among those serialised on any of ``names``:
-        PostgreSQL takes transaction-scoped advisory locks (in a fixed order, so two
-        callers never wait on each other in a cycle); SQLite starts the transaction with
-        BEGIN IMMEDIATE, taking the database's one write lock before the first read."""
-        db = self.runtime.db
-        async with db.transaction() as session:
-            if db.is_postgres:
-                for key in sorted({lock_id(name) for name in names}):
-                    await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
-            else:
-                await session.execute(text("BEGIN IMMEDIATE"))
-            yield session
+    def serialised(self, *names: str) -> Any:
+        """A transaction alone among those serialised on any of ``names``
+        (``Database.serialised``)."""
+        return self.runtime.db.serialised(*names)
 
     async def audit_now(self, event: str, subject: str, **details: Any) -> None:
         """Records one event in a transaction of its own, committed before the caller goes
