@@ -304,6 +304,40 @@ class CourseSettings:
     user_timeout: float = field(default=2.0, metadata=_check(_positive_float))
 
 
+def _store_url(value: str) -> str:
+    if value and not value.startswith(("file://", "s3://")):
+        raise ValueError("empty (var/files), file:///absolute/path or s3://bucket/prefix")
+    return value
+
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FileSettings:
+    # Where file bytes live: empty for var/files, file:///path, or s3://bucket/prefix (with
+    # the standard AWS_* variables).
+    store_url: str = field(default="", metadata=_check(_store_url))
+    # The largest upload of each purpose, in bytes.
+    avatar_max_bytes: int = field(default=5 * MIB, metadata=_check(_positive))
+    course_material_max_bytes: int = field(default=100 * MIB, metadata=_check(_positive))
+    attachment_max_bytes: int = field(default=10 * MIB, metadata=_check(_positive))
+    # Completed uploads per hour and tier (the reference design's file_upload limits; 0:
+    # none), and avatars per hour, which every tier may upload apart from those.
+    free_uploads_per_hour: int = 0
+    basic_uploads_per_hour: int = 20
+    pro_uploads_per_hour: int = 100
+    enterprise_uploads_per_hour: int = 500
+    avatar_uploads_per_hour: int = field(default=10, metadata=_check(_positive))
+    # The bytes one user may keep stored, all purposes together.
+    storage_quota_bytes: int = field(default=1024 * MIB, metadata=_check(_positive))
+    # Bytes per message of a download.
+    download_chunk_bytes: int = field(default=256 * 1024, metadata=_check(_positive))
+    # Seconds between sweeps for stored objects that no file row names (left by a crash
+    # between a delete's commit and the object's removal, or by a deleted user).
+    sweep_interval: float = field(default=600.0, metadata=_check(_positive_float))
+
+
 @dataclass(frozen=True)
 class Settings:
     # Everything the embedded defaults write: SQLite file, keys, mail, certificates.
@@ -330,6 +364,7 @@ class Settings:
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     events: EventSettings = field(default_factory=EventSettings)
     course: CourseSettings = field(default_factory=CourseSettings)
+    file: FileSettings = field(default_factory=FileSettings)
 
     @property
     def var_path(self) -> Path:

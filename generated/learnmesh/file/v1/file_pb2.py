@@ -30,7 +30,7 @@ from learnmesh.common.v1 import access_pb2 as learnmesh_dot_common_dot_v1_dot_ac
 from learnmesh.common.v1 import text_pb2 as learnmesh_dot_common_dot_v1_dot_text__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1clearnmesh/file/v1/file.proto\x12\x11learnmesh.file.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a learnmesh/common/v1/access.proto\x1a\x1elearnmesh/common/v1/text.proto\"\xda\x01\n\x08\x46ileInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owner_id\x18\x02 \x01(\t\x12\x1f\n\x08\x66ilename\x18\x03 \x01(\tB\r\xbaH\nr\x08\xe8\xf9\x18\x01\xf8\xf9\x18\x01\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12\x0c\n\x04size\x18\x05 \x01(\x03\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12+\n\x07purpose\x18\x07 \x01(\x0e\x32\x1a.learnmesh.file.v1.Purpose\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa8\x03\n\x0cUploadHeader\x12\xac\x01\n\x08\x66ilename\x18\x01 \x01(\tB\x99\x01\xbaH\x95\x01r\r\x10\x01\x18\xff\x01\xe8\xf9\x18\x01\xf8\xf9\x18\x01\xba\x01\x82\x01\n\x10\x66ilename.no_path\x12\x35must be a plain file name: no / or \\, and not . or ..\x1a\x37!this.matches(\'[/\\\\\\\\]\') && this != \'.\' && this != \'..\'\x12#\n\x0c\x63ontent_type\x18\x02 \x01(\tB\r\xbaH\nr\x08\x10\x03\x18\x7f\xe8\xf9\x18\x01\x12\x1a\n\x04size\x18\x03 \x01(\x03\x42\x0c\xbaH\t\"\x07\x18\x80\x80\x80\x32 \x00\x12o\n\x06sha256\x18\x04 \x01(\tB_\xbaH\\\xba\x01V\n\nsha256.hex\x12(must be 64 lower-case hexadecimal digits\x1a\x1ethis.matches(\'^[0-9a-f]{64}$\')\xd8\x01\x01\x12\x37\n\x07purpose\x18\x05 \x01(\x0e\x32\x1a.learnmesh.file.v1.PurposeB\n\xbaH\x07\x82\x01\x04\x10\x01 \x00\"p\n\rUploadRequest\x12\x31\n\x06header\x18\x01 \x01(\x0b\x32\x1f.learnmesh.file.v1.UploadHeaderH\x00\x12\x1a\n\x05\x63hunk\x18\x02 \x01(\x0c\x42\t\xbaH\x06z\x04\x18\x80\x80@H\x00\x42\x10\n\x07payload\x12\x05\xbaH\x02\x08\x01\";\n\x0eUploadResponse\x12)\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x1b.learnmesh.file.v1.FileInfo\"+\n\x0eGetFileRequest\x12\x19\n\x07\x66ile_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"<\n\x0fGetFileResponse\x12)\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x1b.learnmesh.file.v1.FileInfo\",\n\x0f\x44ownloadRequest\x12\x19\n\x07\x66ile_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"L\n\x10\x44ownloadResponse\x12)\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x1b.learnmesh.file.v1.FileInfo\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\".\n\x11\x44\x65leteFileRequest\x12\x19\n\x07\x66ile_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"\x14\n\x12\x44\x65leteFileResponse*k\n\x07Purpose\x12\x17\n\x13PURPOSE_UNSPECIFIED\x10\x00\x12\x12\n\x0ePURPOSE_AVATAR\x10\x01\x12\x1b\n\x17PURPOSE_COURSE_MATERIAL\x10\x02\x12\x16\n\x12PURPOSE_ATTACHMENT\x10\x03\x32\xa8\x04\n\x0b\x46ileService\x12o\n\x06Upload\x12 .learnmesh.file.v1.UploadRequest\x1a!.learnmesh.file.v1.UploadResponse\"\x1e\xca\xf3\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x12\"\r/api/v1/files:\x01*(\x01\x12\x83\x01\n\x07GetFile\x12!.learnmesh.file.v1.GetFileRequest\x1a\".learnmesh.file.v1.GetFileResponse\"1\x90\x02\x01\xca\xf3\x18\x0b\x08\x03\x1a\x07\x66ile_id\x82\xd3\xe4\x93\x02\x19\x12\x17/api/v1/files/{file_id}\x12\x90\x01\n\x08\x44ownload\x12\".learnmesh.file.v1.DownloadRequest\x1a#.learnmesh.file.v1.DownloadResponse\"9\x90\x02\x01\xca\xf3\x18\x0b\x08\x03\x1a\x07\x66ile_id\x82\xd3\xe4\x93\x02!\x12\x1f/api/v1/files/{file_id}/content0\x01\x12\x8e\x01\n\nDeleteFile\x12$.learnmesh.file.v1.DeleteFileRequest\x1a%.learnmesh.file.v1.DeleteFileResponse\"3\x90\x02\x02\xca\xf3\x18\r\x08\x03\x1a\x07\x66ile_id0\x01\x82\xd3\xe4\x93\x02\x19*\x17/api/v1/files/{file_id}b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1clearnmesh/file/v1/file.proto\x12\x11learnmesh.file.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a learnmesh/common/v1/access.proto\x1a\x1elearnmesh/common/v1/text.proto\"\xda\x01\n\x08\x46ileInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owner_id\x18\x02 \x01(\t\x12\x1f\n\x08\x66ilename\x18\x03 \x01(\tB\r\xbaH\nr\x08\xe8\xf9\x18\x01\xf8\xf9\x18\x01\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12\x0c\n\x04size\x18\x05 \x01(\x03\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12+\n\x07purpose\x18\x07 \x01(\x0e\x32\x1a.learnmesh.file.v1.Purpose\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa9\x03\n\x0cUploadHeader\x12\xac\x01\n\x08\x66ilename\x18\x01 \x01(\tB\x99\x01\xbaH\x95\x01r\r\x10\x01\x18\xff\x01\xe8\xf9\x18\x01\xf8\xf9\x18\x01\xba\x01\x82\x01\n\x10\x66ilename.no_path\x12\x35must be a plain file name: no / or \\, and not . or ..\x1a\x37!this.matches(\'[/\\\\\\\\]\') && this != \'.\' && this != \'..\'\x12#\n\x0c\x63ontent_type\x18\x02 \x01(\tB\r\xbaH\nr\x08\x10\x03\x18\x7f\xe8\xf9\x18\x01\x12\x1b\n\x04size\x18\x03 \x01(\x03\x42\r\xbaH\n\"\x08\x18\x80\x80\x80\x80@ \x00\x12o\n\x06sha256\x18\x04 \x01(\tB_\xbaH\\\xba\x01V\n\nsha256.hex\x12(must be 64 lower-case hexadecimal digits\x1a\x1ethis.matches(\'^[0-9a-f]{64}$\')\xd8\x01\x01\x12\x37\n\x07purpose\x18\x05 \x01(\x0e\x32\x1a.learnmesh.file.v1.PurposeB\n\xbaH\x07\x82\x01\x04\x10\x01 \x00\"p\n\rUploadRequest\x12\x31\n\x06header\x18\x01 \x01(\x0b\x32\x1f.learnmesh.file.v1.UploadHeaderH\x00\x12\x1a\n\x05\x63hunk\x18\x02 \x01(\x0c\x42\t\xbaH\x06z\x04\x18\x80\x80@H\x00\x42\x10\n\x07payload\x12\x05\xbaH\x02\x08\x01\";\n\x0eUploadResponse\x12)\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x1b.learnmesh.file.v1.FileInfo\"+\n\x0eGetFileRequest\x12\x19\n\x07\x66ile_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"<\n\x0fGetFileResponse\x12)\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x1b.learnmesh.file.v1.FileInfo\",\n\x0f\x44ownloadRequest\x12\x19\n\x07\x66ile_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"L\n\x10\x44ownloadResponse\x12)\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x1b.learnmesh.file.v1.FileInfo\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\".\n\x11\x44\x65leteFileRequest\x12\x19\n\x07\x66ile_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"\x14\n\x12\x44\x65leteFileResponse*k\n\x07Purpose\x12\x17\n\x13PURPOSE_UNSPECIFIED\x10\x00\x12\x12\n\x0ePURPOSE_AVATAR\x10\x01\x12\x1b\n\x17PURPOSE_COURSE_MATERIAL\x10\x02\x12\x16\n\x12PURPOSE_ATTACHMENT\x10\x03\x32\xa8\x04\n\x0b\x46ileService\x12o\n\x06Upload\x12 .learnmesh.file.v1.UploadRequest\x1a!.learnmesh.file.v1.UploadResponse\"\x1e\xca\xf3\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x12\"\r/api/v1/files:\x01*(\x01\x12\x83\x01\n\x07GetFile\x12!.learnmesh.file.v1.GetFileRequest\x1a\".learnmesh.file.v1.GetFileResponse\"1\x90\x02\x01\xca\xf3\x18\x0b\x08\x03\x1a\x07\x66ile_id\x82\xd3\xe4\x93\x02\x19\x12\x17/api/v1/files/{file_id}\x12\x90\x01\n\x08\x44ownload\x12\".learnmesh.file.v1.DownloadRequest\x1a#.learnmesh.file.v1.DownloadResponse\"9\x90\x02\x01\xca\xf3\x18\x0b\x08\x03\x1a\x07\x66ile_id\x82\xd3\xe4\x93\x02!\x12\x1f/api/v1/files/{file_id}/content0\x01\x12\x8e\x01\n\nDeleteFile\x12$.learnmesh.file.v1.DeleteFileRequest\x1a%.learnmesh.file.v1.DeleteFileResponse\"3\x90\x02\x02\xca\xf3\x18\r\x08\x03\x1a\x07\x66ile_id0\x01\x82\xd3\xe4\x93\x02\x19*\x17/api/v1/files/{file_id}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,7 +44,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPLOADHEADER'].fields_by_name['content_type']._loaded_options = None
   _globals['_UPLOADHEADER'].fields_by_name['content_type']._serialized_options = b'\272H\nr\010\020\003\030\177\350\371\030\001'
   _globals['_UPLOADHEADER'].fields_by_name['size']._loaded_options = None
-  _globals['_UPLOADHEADER'].fields_by_name['size']._serialized_options = b'\272H\t\"\007\030\200\200\2002 \000'
+  _globals['_UPLOADHEADER'].fields_by_name['size']._serialized_options = b'\272H\n\"\010\030\200\200\200\200@ \000'
   _globals['_UPLOADHEADER'].fields_by_name['sha256']._loaded_options = None
   _globals['_UPLOADHEADER'].fields_by_name['sha256']._serialized_options = b'\272H\\\272\001V\n\nsha256.hex\022(must be 64 lower-case hexadecimal digits\032\036this.matches(\'^[0-9a-f]{64}$\')\330\001\001'
   _globals['_UPLOADHEADER'].fields_by_name['purpose']._loaded_options = None
@@ -67,28 +67,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FILESERVICE'].methods_by_name['Download']._serialized_options = b'\220\002\001\312\363\030\013\010\003\032\007file_id\202\323\344\223\002!\022\037/api/v1/files/{file_id}/content'
   _globals['_FILESERVICE'].methods_by_name['DeleteFile']._loaded_options = None
   _globals['_FILESERVICE'].methods_by_name['DeleteFile']._serialized_options = b'\220\002\002\312\363\030\r\010\003\032\007file_id0\001\202\323\344\223\002\031*\027/api/v1/files/{file_id}'
-  _globals['_PURPOSE']._serialized_start=1333
-  _globals['_PURPOSE']._serialized_end=1440
+  _globals['_PURPOSE']._serialized_start=1334
+  _globals['_PURPOSE']._serialized_end=1441
   _globals['_FILEINFO']._serialized_start=210
   _globals['_FILEINFO']._serialized_end=428
   _globals['_UPLOADHEADER']._serialized_start=431
-  _globals['_UPLOADHEADER']._serialized_end=855
-  _globals['_UPLOADREQUEST']._serialized_start=857
-  _globals['_UPLOADREQUEST']._serialized_end=969
-  _globals['_UPLOADRESPONSE']._serialized_start=971
-  _globals['_UPLOADRESPONSE']._serialized_end=1030
-  _globals['_GETFILEREQUEST']._serialized_start=1032
-  _globals['_GETFILEREQUEST']._serialized_end=1075
-  _globals['_GETFILERESPONSE']._serialized_start=1077
-  _globals['_GETFILERESPONSE']._serialized_end=1137
-  _globals['_DOWNLOADREQUEST']._serialized_start=1139
-  _globals['_DOWNLOADREQUEST']._serialized_end=1183
-  _globals['_DOWNLOADRESPONSE']._serialized_start=1185
-  _globals['_DOWNLOADRESPONSE']._serialized_end=1261
-  _globals['_DELETEFILEREQUEST']._serialized_start=1263
-  _globals['_DELETEFILEREQUEST']._serialized_end=1309
-  _globals['_DELETEFILERESPONSE']._serialized_start=1311
-  _globals['_DELETEFILERESPONSE']._serialized_end=1331
-  _globals['_FILESERVICE']._serialized_start=1443
-  _globals['_FILESERVICE']._serialized_end=1995
+  _globals['_UPLOADHEADER']._serialized_end=856
+  _globals['_UPLOADREQUEST']._serialized_start=858
+  _globals['_UPLOADREQUEST']._serialized_end=970
+  _globals['_UPLOADRESPONSE']._serialized_start=972
+  _globals['_UPLOADRESPONSE']._serialized_end=1031
+  _globals['_GETFILEREQUEST']._serialized_start=1033
+  _globals['_GETFILEREQUEST']._serialized_end=1076
+  _globals['_GETFILERESPONSE']._serialized_start=1078
+  _globals['_GETFILERESPONSE']._serialized_end=1138
+  _globals['_DOWNLOADREQUEST']._serialized_start=1140
+  _globals['_DOWNLOADREQUEST']._serialized_end=1184
+  _globals['_DOWNLOADRESPONSE']._serialized_start=1186
+  _globals['_DOWNLOADRESPONSE']._serialized_end=1262
+  _globals['_DELETEFILEREQUEST']._serialized_start=1264
+  _globals['_DELETEFILEREQUEST']._serialized_end=1310
+  _globals['_DELETEFILERESPONSE']._serialized_start=1312
+  _globals['_DELETEFILERESPONSE']._serialized_end=1332
+  _globals['_FILESERVICE']._serialized_start=1444
+  _globals['_FILESERVICE']._serialized_end=1996
 # @@protoc_insertion_point(module_scope)

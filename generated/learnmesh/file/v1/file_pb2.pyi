@@ -94,6 +94,9 @@ class UploadHeader(_message.Message):
     content_type: _builtins.str
     """As declared by the client; checked against the sniffed type."""
     size: _builtins.int
+    """The exact byte count. At most 16 GiB here; each purpose has its own, lower limit,
+    set by the operator (an avatar: 5 MiB by default).
+    """
     sha256: _builtins.str
     """Hex SHA-256 the stored bytes must match, when given."""
     purpose: Global___Purpose.ValueType
