@@ -304,6 +304,28 @@ class CourseSettings:
     user_timeout: float = field(default=2.0, metadata=_check(_positive_float))
 
 
+def _file_store_url(value: str) -> str:
+    if not value:
+        return value
+    if value.startswith("file://"):
+        if not value.removeprefix("file://").startswith("/"):
+            raise ValueError("file:///an/absolute/path (three slashes)")
+        return value
+    if value.startswith("s3://"):
+        if not value.removeprefix("s3://").split("/", 1)[0]:
+            raise ValueError("s3://bucket or s3://bucket/prefix")
+        return value
+    raise ValueError("file:///abs/path, s3://bucket/prefix, or empty for var/files")
+
+
+@dataclass(frozen=True)
+class FileSettings:
+    # Where the file service keeps the bytes: empty for var_dir/files, file:///abs/path for
+    # another directory, s3://bucket/prefix for S3 (credentials, region and endpoint from the
+    # AWS_* variables; docs/files.md).
+    store_url: str = field(default="", metadata=_check(_file_store_url))
+
+
 @dataclass(frozen=True)
 class Settings:
     # Everything the embedded defaults write: SQLite file, keys, mail, certificates.
@@ -330,6 +352,7 @@ class Settings:
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     events: EventSettings = field(default_factory=EventSettings)
     course: CourseSettings = field(default_factory=CourseSettings)
+    file: FileSettings = field(default_factory=FileSettings)
 
     @property
     def var_path(self) -> Path:
