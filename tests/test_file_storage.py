@@ -180,6 +180,12 @@ async def test_round_trip_of_a_multi_mib_object(storage: Storage) -> None:
     assert hashlib.sha256(b"".join(pieces)).digest() == hashlib.sha256(data).digest()
 
 
+async def test_many_small_chunks(storage: Storage) -> None:
+    data = os.urandom(5000 * 7)
+    assert await storage.put("owner/small", chunks_of(data, 7)) == len(data)
+    assert await read_all(storage, "owner/small", chunk_size=1000) == data
+
+
 async def test_ranged_reads(storage: Storage) -> None:
     data = os.urandom(6 * MiB + 7)
     await storage.put("o/ranged", chunks_of(data, MiB))

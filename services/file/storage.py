@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 DEFAULT_CHUNK_SIZE = 256 * 1024
+# A local put writes once this much has arrived (or at the end).
+WRITE_SIZE = 256 * 1024
 # S3 refuses parts under 5 MiB (but the last); each part in flight is held in memory.
 S3_PART_SIZE = 5 * 1024 * 1024
 S3_MAX_CONCURRENCY = 2
@@ -173,13 +175,14 @@ class _PartFile:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
         self.fd = os.open(self.path, flags, 0o600)
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunks: list[bytes]) -> None:
         assert self.fd is not None
-        view = memoryview(chunk)
-        while view:
-            done = os.write(self.fd, view)
-            view = view[done:]
-            self.written += done
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                done = os.write(self.fd, view)
+                view = view[done:]
+                self.written += done
 
     def commit(self, final: Path) -> None:
         assert self.fd is not None
@@ -239,9 +242,19 @@ class LocalStorage:
         committed = False
         try:
             await _to_the_end(asyncio.to_thread(part.open))
+            # Small chunks are gathered up to WRITE_SIZE: one thread hop per write.
+            pending: list[bytes] = []
+            pending_size = 0
             async for chunk in chunks:
-                if chunk:
-                    await _to_the_end(asyncio.to_thread(part.write, chunk))
+                if not chunk:
+                    continue
+                pending.append(chunk)
+                pending_size += len(chunk)
+                if pending_size >= WRITE_SIZE:
+                    await _to_the_end(asyncio.to_thread(part.write, pending))
+                    pending, pending_size = [], 0
+            if pending:
+                await _to_the_end(asyncio.to_thread(part.write, pending))
             await _to_the_end(asyncio.to_thread(part.commit, final))
             committed = True
             return part.written
