@@ -316,6 +316,30 @@ async def test_a_put_cancelled_while_its_chunks_wait_leaves_nothing(
     assert leftovers(storage, request) == []
 
 
+async def test_a_put_cancelled_as_its_chunks_end_leaves_nothing(
+    storage: Storage, request: pytest.FixtureRequest
+) -> None:
+    """The cancellation lands while the object is being committed (the last S3 part and
+    the completion, the local fsync and rename) or just before."""
+    for attempt in range(3):
+        ended = asyncio.Event()
+
+        async def whole(ended: asyncio.Event) -> AsyncIterator[bytes]:
+            for _ in range(6):
+                yield os.urandom(MiB)
+            ended.set()
+
+        put = asyncio.create_task(storage.put(f"o/late{attempt}", whole(ended)))
+        await asyncio.wait_for(ended.wait(), 10)
+        for _ in range(attempt):
+            await asyncio.sleep(0)
+        put.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await put
+        assert await storage.keys() == []
+        assert leftovers(storage, request) == []
+
+
 HOSTILE = [
     "",
     "/",

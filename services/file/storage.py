@@ -55,8 +55,8 @@ class Storage(Protocol):
 
         The object exists, whole, only once this returns; if the iterable raises or the
         task is cancelled, nothing is left under key or anywhere else. A cancellation that
-        arrives once the object is being committed lets the commit finish (the key then
-        holds the whole new object) before it is raised."""
+        arrives while the object is being committed lets the commit finish, then deletes
+        the object (and so what the key held before) before it is raised."""
         ...
 
     def read(
@@ -169,6 +169,7 @@ class _PartFile:
         self.path = path
         self.fd: int | None = None
         self.written = 0
+        self.placed: Path | None = None
 
     def open(self) -> None:
         _make_dirs(self.path.parent)
@@ -191,13 +192,19 @@ class _PartFile:
         self.fd = None
         _make_dirs(final.parent)
         os.replace(self.path, final)
+        self.placed = final
         _fsync_dir(final.parent)
 
     def discard(self) -> None:
+        """Removes the temporary file, or the object itself if the commit got that far."""
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
         self.path.unlink(missing_ok=True)
+        if self.placed is not None:
+            self.placed.unlink(missing_ok=True)
+            _fsync_dir(self.placed.parent)
+            self.placed = None
 
 
 class _ReadFile:
@@ -471,6 +478,10 @@ class S3Storage:
             # parts would stay in the bucket): fail its next pull and let it abort instead.
             feed.abort()
             await _settle(upload)
+            if not upload.cancelled() and upload.exception() is None:
+                # Every chunk had arrived and the upload completed meanwhile: the caller
+                # learns that the put did not happen, so the object goes again.
+                await _to_the_end(obstore.delete_async(self._store, path))
             raise
         return feed.total
 
