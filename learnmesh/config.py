@@ -304,10 +304,18 @@ class CourseSettings:
     user_timeout: float = field(default=2.0, metadata=_check(_positive_float))
 
 
-def _store_url(value: str) -> str:
-    if value and not value.startswith(("file://", "s3://")):
-        raise ValueError("empty (var/files), file:///absolute/path or s3://bucket/prefix")
-    return value
+def _file_store_url(value: str) -> str:
+    if not value:
+        return value
+    if value.startswith("file://"):
+        if not value.removeprefix("file://").startswith("/"):
+            raise ValueError("file:///an/absolute/path (three slashes)")
+        return value
+    if value.startswith("s3://"):
+        if not value.removeprefix("s3://").split("/", 1)[0]:
+            raise ValueError("s3://bucket or s3://bucket/prefix")
+        return value
+    raise ValueError("file:///abs/path, s3://bucket/prefix, or empty for var/files")
 
 
 MIB = 1024 * 1024
@@ -315,9 +323,10 @@ MIB = 1024 * 1024
 
 @dataclass(frozen=True)
 class FileSettings:
-    # Where file bytes live: empty for var/files, file:///path, or s3://bucket/prefix (with
-    # the standard AWS_* variables).
-    store_url: str = field(default="", metadata=_check(_store_url))
+    # Where the file service keeps the bytes: empty for var_dir/files, file:///abs/path for
+    # another directory, s3://bucket/prefix for S3 (credentials, region and endpoint from the
+    # AWS_* variables; docs/files.md).
+    store_url: str = field(default="", metadata=_check(_file_store_url))
     # The largest upload of each purpose, in bytes.
     avatar_max_bytes: int = field(default=5 * MIB, metadata=_check(_positive))
     course_material_max_bytes: int = field(default=100 * MIB, metadata=_check(_positive))

@@ -20,9 +20,14 @@ if TYPE_CHECKING:
     from learnmesh.eventing.bus import Bus
     from learnmesh.eventing.handlers import Handlers
 
-# Services with an implementation, by short name. File and notification exist as protos
-# only so far.
-IMPLEMENTED = {"auth": "services.auth", "user": "services.user", "course": "services.course"}
+# Services with an implementation, by short name. Notification exists as protos only so
+# far.
+IMPLEMENTED = {
+    "auth": "services.auth",
+    "user": "services.user",
+    "course": "services.course",
+    "file": "services.file",
+}
 
 
 @dataclass

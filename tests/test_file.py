@@ -78,7 +78,7 @@ async def assert_nothing_left(mesh: Mesh, owner: Account, keys_before: list[str]
 async def download(mesh: Mesh, who: Account, file_id: str) -> tuple[file_pb2.FileInfo, bytes]:
     call = files(mesh).Download(file_pb2.DownloadRequest(file_id=file_id), metadata=who.metadata)
     first = await call.read()
-    assert first is not aio.EOF and first.HasField("file")
+    assert isinstance(first, file_pb2.DownloadResponse) and first.HasField("file")
     parts = []
     async for message in call:
         parts.append(message.chunk)
@@ -129,9 +129,7 @@ async def test_refused_uploads_leave_nothing(mesh: Mesh) -> None:
     pulled = Pulled()
     err = await refused(
         stub.Upload(
-            upload_stream(
-                png_bytes(6 * MIB), purpose=file_pb2.PURPOSE_AVATAR, pulled=pulled
-            ),
+            upload_stream(png_bytes(6 * MIB), purpose=file_pb2.PURPOSE_AVATAR, pulled=pulled),
             metadata=owner.metadata,
         ),
         invalid,
@@ -256,8 +254,11 @@ async def test_tiers_and_quotas_refuse_with_a_reason(mesh: Mesh) -> None:
     before = await stored_keys(mesh)
     err = await refused(
         stub.Upload(
-            upload_stream(pdf_bytes(10_000), content_type="application/pdf",
-                          purpose=file_pb2.PURPOSE_ATTACHMENT),
+            upload_stream(
+                pdf_bytes(10_000),
+                content_type="application/pdf",
+                purpose=file_pb2.PURPOSE_ATTACHMENT,
+            ),
             metadata=free.metadata,
         ),
         grpc.StatusCode.FAILED_PRECONDITION,
@@ -273,10 +274,7 @@ async def test_tiers_and_quotas_refuse_with_a_reason(mesh: Mesh) -> None:
     # basic: 3 uploads an hour (this mesh's setting), raced: exactly 3 get through.
     basic = await user_with_tier(mesh, "basic")
     results = await asyncio.gather(
-        *(
-            stub.Upload(upload_stream(png_bytes(30_000)), metadata=basic.metadata)
-            for _ in range(6)
-        ),
+        *(stub.Upload(upload_stream(png_bytes(30_000)), metadata=basic.metadata) for _ in range(6)),
         return_exceptions=True,
     )
     done = [r for r in results if isinstance(r, file_pb2.UploadResponse)]
@@ -286,7 +284,9 @@ async def test_tiers_and_quotas_refuse_with_a_reason(mesh: Mesh) -> None:
     assert all(error_reason(e) == "UPLOAD_LIMIT" and 0 < retry_delay(e) <= 3600 for e in limited)
     assert await file_rows(mesh, basic.user_id) == 3
     # Deleting an upload does not give the hour's slot back.
-    await stub.DeleteFile(file_pb2.DeleteFileRequest(file_id=done[0].file.id), metadata=basic.metadata)
+    await stub.DeleteFile(
+        file_pb2.DeleteFileRequest(file_id=done[0].file.id), metadata=basic.metadata
+    )
     await refused(
         stub.Upload(upload_stream(png_bytes(30_000)), metadata=basic.metadata),
         grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -325,7 +325,9 @@ async def test_an_avatar_upload_becomes_the_profile_picture(mesh: Mesh) -> None:
     assert error_reason(err) == "NOT_AN_AVATAR"
     # Someone else's avatar is not yours to use.
     await refused(
-        mesh.user.SetAvatar(user_pb2.SetAvatarRequest(file_id=avatar.file.id), metadata=pro.metadata),
+        mesh.user.SetAvatar(
+            user_pb2.SetAvatarRequest(file_id=avatar.file.id), metadata=pro.metadata
+        ),
         grpc.StatusCode.NOT_FOUND,
     )
 
@@ -333,7 +335,9 @@ async def test_an_avatar_upload_becomes_the_profile_picture(mesh: Mesh) -> None:
 async def test_a_deleted_users_files_go(mesh: Mesh) -> None:
     user = await user_with_tier(mesh, "pro")
     info = (await files(mesh).Upload(upload_stream(png_bytes(40_000)), metadata=user.metadata)).file
-    await mesh.user.DeleteUser(user_pb2.DeleteUserRequest(user_id=user.user_id), metadata=user.metadata)
+    await mesh.user.DeleteUser(
+        user_pb2.DeleteUserRequest(user_id=user.user_id), metadata=user.metadata
+    )
 
     async def gone() -> bool:
         return await file_rows(mesh, user.user_id) == 0

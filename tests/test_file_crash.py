@@ -42,41 +42,41 @@ async def test_a_process_killed_mid_upload_leaves_nothing_after_restart(tmp_path
     port = free_port()
     command = [*LEARNMESH, "up", "--insecure", "--port", str(port)]
     env = env_for(tmp_path, LEARNMESH_DATABASE_URL="")
-    async with server_process(
-        command, env=env, ready=READY, port=SERVICE_PORT, merge_stderr=True
-    ) as mesh:
-        async with aio.insecure_channel(mesh.address) as channel:
-            auth = auth_pb2_grpc.AuthServiceStub(channel)
-            email = new_email("crash")
-            await auth.Register(
-                auth_pb2.RegisterRequest(
-                    email=email, password=PASSWORD, display_name="Crash Test", accepted_terms=True
-                )
+    async with (
+        server_process(command, env=env, ready=READY, port=SERVICE_PORT, merge_stderr=True) as mesh,
+        aio.insecure_channel(mesh.address) as channel,
+    ):
+        auth = auth_pb2_grpc.AuthServiceStub(channel)
+        email = new_email("crash")
+        await auth.Register(
+            auth_pb2.RegisterRequest(
+                email=email, password=PASSWORD, display_name="Crash Test", accepted_terms=True
             )
-            login = await auth.Login(auth_pb2.LoginRequest(email=email, password=PASSWORD))
-            me = bearer(login.access_token)
-            halfway = asyncio.Event()
+        )
+        login = await auth.Login(auth_pb2.LoginRequest(email=email, password=PASSWORD))
+        me = bearer(login.access_token)
+        halfway = asyncio.Event()
 
-            async def stalled() -> AsyncIterator[file_pb2.UploadRequest]:
-                data = png_bytes(3 * MIB)
-                for i, message in enumerate(
-                    upload_stream(data, size=4 * MIB, purpose=file_pb2.PURPOSE_AVATAR)
-                ):
-                    yield message
-                    if i == 30:
-                        halfway.set()
-                        await asyncio.sleep(60)
+        async def stalled() -> AsyncIterator[file_pb2.UploadRequest]:
+            data = png_bytes(3 * MIB)
+            for i, message in enumerate(
+                upload_stream(data, size=4 * MIB, purpose=file_pb2.PURPOSE_AVATAR)
+            ):
+                yield message
+                if i == 30:
+                    halfway.set()
+                    await asyncio.sleep(60)
 
-            # An avatar: the one purpose a free account may upload.
-            call = file_pb2_grpc.FileServiceStub(channel).Upload(stalled(), metadata=me)
-            await halfway.wait()
-            for _ in range(50):  # the bytes so far have reached the storage's temporary file
-                if left_in_storage(tmp_path):
-                    break
-                await asyncio.sleep(0.1)
-            assert left_in_storage(tmp_path), "the upload never reached the storage"
-            await mesh.stop(signal.SIGKILL)
-            call.cancel()
+        # An avatar: the one purpose a free account may upload.
+        call = file_pb2_grpc.FileServiceStub(channel).Upload(stalled(), metadata=me)
+        await halfway.wait()
+        for _ in range(50):  # the bytes so far have reached the storage's temporary file
+            if left_in_storage(tmp_path):
+                break
+            await asyncio.sleep(0.1)
+        assert left_in_storage(tmp_path), "the upload never reached the storage"
+        await mesh.stop(signal.SIGKILL)
+        call.cancel()
     assert rows(tmp_path) == 0
 
     async with server_process(

@@ -36,7 +36,14 @@ ALLOWED: dict[str, frozenset[str]] = {
 # Spellings of one type that clients send.
 ALIASES = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg", "audio/mp3": "audio/mpeg"}
 # Signatures that run as programs: refused for every purpose.
-EXECUTABLE_PREFIXES = (b"\x7fELF", b"MZ", b"#!", b"\xfe\xed\xfa", b"\xcf\xfa\xed\xfe", b"\xca\xfe\xba\xbe")
+EXECUTABLE_PREFIXES = (
+    b"\x7fELF",
+    b"MZ",
+    b"#!",
+    b"\xfe\xed\xfa",
+    b"\xcf\xfa\xed\xfe",
+    b"\xca\xfe\xba\xbe",
+)
 
 
 @dataclass(frozen=True)

@@ -94,8 +94,11 @@ async def add(session: AsyncSession, row: FileRow, *, prune_before: datetime) ->
     """Adds the file and its upload to the log (dropping the owner's log rows that no
     limit counts any more)."""
     session.add(row)
-    session.add(UploadLogRow(id=str(uuid.uuid4()), owner_id=row.owner_id, purpose=row.purpose,
-                             at=row.created_at))
+    session.add(
+        UploadLogRow(
+            id=str(uuid.uuid4()), owner_id=row.owner_id, purpose=row.purpose, at=row.created_at
+        )
+    )
     await session.execute(
         delete(UploadLogRow).where(
             UploadLogRow.owner_id == row.owner_id, UploadLogRow.at < prune_before

@@ -31,15 +31,11 @@ def pdf_bytes(size: int) -> bytes:
     return (PDF + os.urandom(size))[:size]
 
 
-async def file_mesh(
-    backend: str, tmp: Path, **file_settings: Any
-) -> AsyncIterator[Mesh]:
+async def file_mesh(backend: str, tmp: Path, **file_settings: Any) -> AsyncIterator[Mesh]:
     """Auth, user and file in one process (mTLS) on ``backend``; ``file_settings`` override
     FileSettings."""
     async with scratch_database(backend, tmp) as url:
-        settings = replace(
-            mesh_settings(tmp, url), file=replace(FileSettings(), **file_settings)
-        )
+        settings = replace(mesh_settings(tmp, url), file=replace(FileSettings(), **file_settings))
         async with running_mesh(settings, SERVICES) as mesh:
             yield mesh
 

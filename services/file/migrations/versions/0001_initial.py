@@ -42,9 +42,7 @@ def upgrade() -> None:
         sa.Column("purpose", sa.String(32), nullable=False),
         sa.Column("at", sa.DateTime(timezone=True), nullable=False),
     )
-    op.create_index(
-        "ix_file_upload_log_owner_at", "file_upload_log", ["owner_id", "purpose", "at"]
-    )
+    op.create_index("ix_file_upload_log_owner_at", "file_upload_log", ["owner_id", "purpose", "at"])
     op.create_table(
         "file_audit",
         sa.Column("id", sa.String(36), primary_key=True),
