@@ -3,6 +3,7 @@ left in storage and in the table afterwards."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from collections.abc import AsyncIterator, Iterator
@@ -10,11 +11,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import grpc
 from sqlalchemy import text
 
+from learnmesh import tls
 from learnmesh.config import FileSettings
 from learnmesh.file.v1 import file_pb2, file_pb2_grpc
 from tests.conftest import Mesh, mesh_settings, running_mesh, scratch_database
+from tests.support.authority import Authority
 
 SERVICES = ("auth", "user", "file")
 CHUNK = 64 * 1024
@@ -127,3 +131,34 @@ def rss_kib() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS in /proc/self/status")
+
+
+async def refused_upload(
+    mesh: Mesh,
+    metadata: Any,
+    messages: Iterator[file_pb2.UploadRequest],
+    code: grpc.StatusCode,
+) -> Any:
+    """Sends an upload the server must refuse, with grpcio's blocking client in a thread,
+    and returns its error, failing unless it ended with ``code``.
+
+    grpc.aio's client can report INTERNAL ("Failed execute_batch") instead of the server's
+    status when the server ends a client stream while the client is still writing
+    (grpc/grpc#36066); its blocking client, like other languages' clients, reports the
+    server's status."""
+    ca = Authority(tls.certs_dir(mesh.settings), mesh.settings.tls.trust_domain)
+    credentials = ca.channel_credentials("tests", "client")
+
+    def call() -> grpc.RpcError:
+        with grpc.secure_channel(mesh.server.address, credentials) as channel:
+            # The generated stubs are typed for grpc.aio; the blocking channel works the same.
+            stub = file_pb2_grpc.FileServiceStub(channel)  # type: ignore[arg-type]
+            try:
+                stub.Upload(messages, metadata=metadata, timeout=60)
+            except grpc.RpcError as exc:
+                return exc
+        raise AssertionError("the upload was accepted")
+
+    err = await asyncio.to_thread(call)
+    assert err.code() == code, (err.code(), err.details())
+    return err
