@@ -424,13 +424,32 @@ async def test_sweep_partial(storage: Storage) -> None:
         assert await storage.sweep_partial() == 0
     else:
         assert isinstance(storage, LocalStorage)
-        (storage.partial / "0123abcd").write_bytes(b"half an upload")
-        (storage.partial / "deadbeef").write_bytes(b"")
+        gone = _gone_pid()
+        host = socket.gethostname().replace("~", "-")
+        # A dead process's upload and a day-old file of unknown origin go ...
+        (storage.partial / f"{host}~{gone}~0123abcd").write_bytes(b"half an upload")
+        stale = storage.partial / "deadbeef"
+        stale.write_bytes(b"")
+        os.utime(stale, (time.time() - 2 * 24 * 3600,) * 2)
+        # ... a live process's upload (another replica's), another host's and a fresh
+        # file of unknown origin stay.
+        live = [f"{host}~{os.getppid()}~live", f"elsewhere~{gone}~theirs", "fresh"]
+        for name in live:
+            (storage.partial / name).write_bytes(b"in progress")
         assert await storage.sweep_partial() == 2
-        assert os.listdir(storage.partial) == []
+        assert sorted(os.listdir(storage.partial)) == sorted(live)
         assert await storage.sweep_partial() == 0
+        for name in live:
+            (storage.partial / name).unlink()
     assert await storage.keys() == ["o/kept"]
     assert await read_all(storage, "o/kept") == b"kept"
+
+
+def _gone_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
 
 
 # ---------------------------------------------------------------------------------------

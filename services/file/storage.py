@@ -16,7 +16,9 @@ import asyncio
 import os
 import re
 import shutil
+import socket
 import stat
+import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Mapping
 from pathlib import Path
@@ -39,6 +41,10 @@ S3_PART_SIZE = 5 * 1024 * 1024
 S3_MAX_CONCURRENCY = 2
 MAX_KEY_LENGTH = 1024
 PARTIAL_DIR = ".partial"
+# A temporary file is named <host>~<pid>~<random>: a sweep removes those of processes that
+# are gone from this host, and anything older than this many seconds (another host's, or
+# a name it cannot read), but never an upload a live process is still writing.
+PARTIAL_MAX_AGE = 24 * 3600.0
 
 _KEY = re.compile(r"[A-Za-z0-9_-]+(?:/[A-Za-z0-9_-]+)*")
 _PREFIX = re.compile(r"(?:[A-Za-z0-9_-]+/)*[A-Za-z0-9_-]*")
@@ -231,6 +237,27 @@ class _ReadFile:
 _MISSING = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
 
+_HOST = socket.gethostname().replace("~", "-")
+
+
+def _abandoned(name: str) -> bool:
+    """Whether the temporary file ``name`` belongs to a process gone from this host."""
+    host, _, rest = name.partition("~")
+    pid_text, _, _ = rest.partition("~")
+    if host != _HOST or not pid_text.isdigit():
+        return False  # another host's (or no name of ours): only its age can tell
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
+
+
 class LocalStorage:
     """Objects as files under root (directories 0700, files 0600). A put writes a
     temporary file in root/.partial/, syncs it and renames it into place; file I/O runs in
@@ -245,7 +272,7 @@ class LocalStorage:
 
     async def put(self, key: str, chunks: AsyncIterable[bytes]) -> int:
         final = self._path(key)
-        part = _PartFile(self.partial / uuid.uuid4().hex)
+        part = _PartFile(self.partial / f"{_HOST}~{os.getpid()}~{uuid.uuid4().hex}")
         committed = False
         try:
             await _to_the_end(asyncio.to_thread(part.open))
@@ -343,17 +370,30 @@ class LocalStorage:
         return await asyncio.to_thread(size)
 
     async def sweep_partial(self) -> int:
+        """Removes the temporary files of puts that will never finish: those of processes
+        gone from this host (killed mid-upload), and any older than PARTIAL_MAX_AGE. The
+        uploads of live processes (other replicas sharing the directory) are left alone."""
+
         def sweep() -> int:
             try:
                 entries = list(os.scandir(self.partial))
             except FileNotFoundError:
                 return 0
+            removed = 0
+            now = time.time()
             for entry in entries:
+                try:
+                    old = now - entry.stat(follow_symlinks=False).st_mtime > PARTIAL_MAX_AGE
+                except FileNotFoundError:
+                    continue  # finished (renamed) or discarded meanwhile
+                if not old and not _abandoned(entry.name):
+                    continue
                 if entry.is_dir(follow_symlinks=False):
                     shutil.rmtree(entry.path, ignore_errors=True)
                 else:
                     Path(entry.path).unlink(missing_ok=True)
-            return len(entries)
+                removed += 1
+            return removed
 
         return await _to_the_end(asyncio.to_thread(sweep))
 
