@@ -169,6 +169,14 @@ class TlsSettings:
         return _parse_extra_callers(self.extra_callers)
 
 
+# Streams that carry whole files get an hour by default, not the 10 s / 30 s of a call: a
+# 100 MiB upload over a slow link takes minutes. LEARNMESH_DEADLINES_METHODS overrides them.
+TRANSFER_DEADLINES = {
+    "/learnmesh.file.v1.FileService/Upload": (3600.0, 3600.0),
+    "/learnmesh.file.v1.FileService/Download": (3600.0, 3600.0),
+}
+
+
 @dataclass(frozen=True)
 class DeadlineSettings:
     # Seconds a call may run when its caller set no deadline, and the most it may ask for.
@@ -387,7 +395,9 @@ class Settings:
 
     @property
     def method_deadlines(self) -> dict[str, tuple[float, float]]:
-        return _parse_method_deadlines(self.deadlines.methods)
+        """Per-method (default, cap): the built-in ones of long transfers, then the
+        configured ones (which win)."""
+        return {**TRANSFER_DEADLINES, **_parse_method_deadlines(self.deadlines.methods)}
 
     def address_of(self, service: str) -> str:
         """The target a client dials for ``service``."""

@@ -121,6 +121,24 @@ async def test_a_50_mib_upload_does_not_grow_the_server_by_its_size(mesh: Mesh) 
     )
 
 
+async def test_a_slow_reader_does_not_make_the_server_buffer_the_file(mesh: Mesh) -> None:
+    owner = await user_with_tier(mesh, "pro")
+    messages, _ = generated_stream(60 * MIB)
+    info = (await files(mesh).Upload(messages, metadata=owner.metadata)).file
+    before = rss_kib()
+    call = files(mesh).Download(file_pb2.DownloadRequest(file_id=info.id), metadata=owner.metadata)
+    for _ in range(3):  # the FileInfo and two chunks, then the reader stalls
+        assert await call.read() is not aio.EOF
+    await asyncio.sleep(1.5)
+    grown = rss_kib() - before
+    assert grown < 20 * 1024, f"the process grew by {grown} KiB while the reader stalled"
+    received = 2 * 256 * 1024
+    while (message := await call.read()) is not aio.EOF:
+        assert isinstance(message, file_pb2.DownloadResponse)
+        received += len(message.chunk)
+    assert received == 60 * MIB
+
+
 async def test_refused_uploads_leave_nothing(mesh: Mesh) -> None:
     owner = await user_with_tier(mesh, "pro")
     before = await stored_keys(mesh)
