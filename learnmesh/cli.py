@@ -17,9 +17,9 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from learnmesh import certs, config, probe, tls
 from learnmesh.db import Database
@@ -27,9 +27,10 @@ from learnmesh.service import IMPLEMENTED, Runtime, ServiceDefinition, definitio
 
 if TYPE_CHECKING:
     from learnmesh.admin import AdminServer
-    from services.user.profiles import RoleChange
+    from services.user.profiles import RoleChange, TierChange
 
 log = logging.getLogger("learnmesh")
+T = TypeVar("T")
 
 INSECURE_WARNING = """\
 ************************************************************************
@@ -200,24 +201,46 @@ async def promote(settings: config.Settings, email: str, role: str) -> RoleChang
         await db.dispose()
 
 
-def _promote(settings: config.Settings, args: argparse.Namespace) -> int:
+async def set_tier(settings: config.Settings, email: str, tier: str) -> TierChange:
+    """`learnmesh users set-tier`: gives the user with ``email`` the subscription tier, in
+    the configured database, audited with actor "operator" (as ``promote``)."""
+    from services.user.profiles import Profiles
+
+    db = Database(settings.database)
+    try:
+        return await Profiles(db).set_tier_by_email(email, tier)
+    finally:
+        await db.dispose()
+
+
+def _in_database(
+    settings: config.Settings, what: str, change: Callable[[], Coroutine[Any, Any, T]]
+) -> T | None:
+    """Runs an operator's ``change`` of a user's ``what`` (role, tier); None, the reason
+    printed, when it failed."""
     from sqlalchemy.exc import DBAPIError
 
     from learnmesh.kernel.errors import DomainError
 
     database = Database(settings.database).url.render_as_string(hide_password=True)
     try:
-        change = asyncio.run(promote(settings, args.email, args.role))
-    except DomainError as exc:  # no such user, the last admin, a role the contract lacks
+        return asyncio.run(change())
+    except DomainError as exc:  # no such user, the last admin, a value the contract lacks
         print(f"learnmesh: {exc.message}", file=sys.stderr)
-        return 1
+        return None
     except (DBAPIError, OSError) as exc:
         cause = str(getattr(exc, "orig", None) or exc).splitlines()[0][:200]
         print(
-            f"learnmesh: cannot change the role in {database} ({cause}); is the database "
+            f"learnmesh: cannot change the {what} in {database} ({cause}); is the database "
             "reachable and migrated (`learnmesh migrate user`)?",
             file=sys.stderr,
         )
+        return None
+
+
+def _promote(settings: config.Settings, args: argparse.Namespace) -> int:
+    change = _in_database(settings, "role", lambda: promote(settings, args.email, args.role))
+    if change is None:
         return 1
     user = change.profile
     if not change.changed:
@@ -227,6 +250,23 @@ def _promote(settings: config.Settings, args: argparse.Namespace) -> int:
         f"{user.email} (user {user.id}): role {change.old_role} -> {user.role}, recorded in "
         "user_audit with actor operator. Their next sign-in or token refresh carries it; "
         f"access tokens issued before keep the old role until they expire (at most "
+        f"{settings.auth.access_token_ttl} s)."
+    )
+    return 0
+
+
+def _set_tier(settings: config.Settings, args: argparse.Namespace) -> int:
+    change = _in_database(settings, "tier", lambda: set_tier(settings, args.email, args.tier))
+    if change is None:
+        return 1
+    user = change.profile
+    if not change.changed:
+        print(f"{user.email} (user {user.id}) already has the tier {user.tier}; nothing changed")
+        return 0
+    print(
+        f"{user.email} (user {user.id}): tier {change.old_tier} -> {user.tier}, recorded in "
+        "user_audit with actor operator. Their next sign-in or token refresh carries it; "
+        f"access tokens issued before keep the old tier until they expire (at most "
         f"{settings.auth.access_token_ttl} s)."
     )
     return 0
@@ -388,6 +428,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     promote_parser.add_argument("email", help="the email the user registered with")
     promote_parser.add_argument("--role", required=True, choices=roles)
+    # The contract's tiers by lower-case name (services.user.profiles.TIERS).
+    tier_names = user_pb2.SubscriptionTier.keys()[1:]
+    tiers = [n.removeprefix("SUBSCRIPTION_TIER_").lower() for n in tier_names]
+    tier_parser = users_commands.add_parser(
+        "set-tier", help="give a registered user a subscription tier (billing is outside the mesh)"
+    )
+    tier_parser.add_argument("email", help="the email the user registered with")
+    tier_parser.add_argument("tier", choices=tiers)
     _add_reset_mfa(users_commands)
     _add_events(commands)
 
@@ -439,6 +487,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _certs(settings, args)
     if args.command == "users" and args.users_command == "promote":
         return _promote(settings, args)
+    if args.command == "users" and args.users_command == "set-tier":
+        return _set_tier(settings, args)
     if args.command == "users" and args.users_command == "reset-mfa":
         return asyncio.run(_reset_mfa(settings, args.email))
     if args.command == "events":

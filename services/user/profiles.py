@@ -1,4 +1,4 @@
-"""The user service's rules: profiles, the update mask, roles, listing and deletion.
+"""The user service's rules: profiles, the update mask, roles, tiers, listing and deletion.
 
 Plain Python in and out (roles, tiers, themes and channels by lower-case name), so the
 rules read without protobuf; ``servicer.py`` converts. Every change runs in one
@@ -10,7 +10,9 @@ it before a handler runs. Rules that are also reached without a call (``promote`
 operator's command) normalise their own input.
 
 The first admin of an installation is made by an operator, ``learnmesh users promote
-EMAIL --role admin`` (``promote``), never by registering a particular address.
+EMAIL --role admin`` (``promote``), never by registering a particular address. Tiers are
+set by an admin (SetTier, ``set_tier``) or an operator (``learnmesh users set-tier EMAIL
+TIER``, ``set_tier_by_email``): billing stays outside the mesh.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from services.user import store
 ADMIN = "admin"
 # The roles of the contract (learnmesh.user.v1.Role), by lower-case name.
 ROLES = ("admin", "instructor", "moderator", "subscriber", "free_user")
+# The tiers of the contract (learnmesh.user.v1.SubscriptionTier), by lower-case name.
+TIERS = ("free", "basic", "pro", "enterprise")
 # The actor of changes made with the operator's command rather than by a user.
 OPERATOR = "operator"
 DEFAULT_ROLE = "free_user"
@@ -140,6 +144,16 @@ class RoleChange:
     @property
     def changed(self) -> bool:
         return self.profile.role != self.old_role
+
+
+@dataclass(frozen=True)
+class TierChange:
+    profile: Profile
+    old_tier: str
+
+    @property
+    def changed(self) -> bool:
+        return self.profile.tier != self.old_tier
 
 
 @dataclass(frozen=True)
@@ -417,6 +431,57 @@ class Profiles:
             actor=actor,
             old=old,
             new=role,
+            **details,
+        )
+
+    async def set_tier(self, user_id: str, tier: str, *, actor: str) -> Profile:
+        """Gives ``user_id`` the subscription tier (SetTier, by an admin)."""
+        if tier not in TIERS:
+            raise InvalidArgument.field("tier", "one of " + ", ".join(TIERS))
+        async with self.db.write_transaction() as session:
+            row = await store.get(session, user_id, for_update=True)
+            if row is None:
+                raise NotFound(f"no user {user_id}")
+            await self._change_tier(session, row, tier, actor=actor)
+            return Profile.of(row)
+
+    async def set_tier_by_email(
+        self, email: str, tier: str, *, actor: str = OPERATOR
+    ) -> TierChange:
+        """Gives the user with ``email`` the tier, for the operator's command (``learnmesh
+        users set-tier``). Same rules and audit as SetTier, with ``actor`` "operator"."""
+        if tier not in TIERS:
+            raise InvalidArgument.field("tier", "one of " + ", ".join(TIERS))
+        email = normal_email(email)
+        async with self.db.write_transaction() as session:
+            row = await store.by_email(session, email, for_update=True)
+            if row is None:
+                raise NotFound(f"no user with email {email}")
+            old = row.tier
+            await self._change_tier(session, row, tier, actor=actor, via="cli")
+            return TierChange(Profile.of(row), old)
+
+    @staticmethod
+    async def _change_tier(
+        session: AsyncSession, row: store.ProfileRow, tier: str, *, actor: str, **details: str
+    ) -> None:
+        """Sets the tier of the locked ``row`` and records it; nothing when it already has
+        the tier."""
+        old = row.tier
+        if old == tier:
+            return
+        row.tier = tier
+        row.updated_at = utcnow()
+        await session.flush()
+        await _emit_updated(session, row.id, ["tier"])
+        await audit.record(
+            session,
+            store.user_audit,
+            "tier.changed",
+            row.id,
+            actor=actor,
+            old=old,
+            new=tier,
             **details,
         )
 

@@ -145,6 +145,16 @@ class UserServicer(user_pb2_grpc.UserServiceServicer):
         )
         return user_pb2.SetRoleResponse(user=user_proto(profile))
 
+    async def SetTier(
+        self, request: user_pb2.SetTierRequest, context: aio.ServicerContext[Any, Any]
+    ) -> user_pb2.SetTierResponse:
+        profile = await self.profiles.set_tier(
+            request.user_id,
+            name_of(user_pb2.SubscriptionTier, request.tier, TIER_PREFIX),
+            actor=principal.current().user_id,
+        )
+        return user_pb2.SetTierResponse(user=user_proto(profile))
+
     async def DeleteUser(
         self, request: user_pb2.DeleteUserRequest, context: aio.ServicerContext[Any, Any]
     ) -> user_pb2.DeleteUserResponse:

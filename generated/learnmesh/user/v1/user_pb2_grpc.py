@@ -61,6 +61,11 @@ class UserServiceStub:
                 request_serializer=learnmesh_dot_user_dot_v1_dot_user__pb2.SetRoleRequest.SerializeToString,
                 response_deserializer=learnmesh_dot_user_dot_v1_dot_user__pb2.SetRoleResponse.FromString,
                 _registered_method=True)
+        self.SetTier = channel.unary_unary(
+                '/learnmesh.user.v1.UserService/SetTier',
+                request_serializer=learnmesh_dot_user_dot_v1_dot_user__pb2.SetTierRequest.SerializeToString,
+                response_deserializer=learnmesh_dot_user_dot_v1_dot_user__pb2.SetTierResponse.FromString,
+                _registered_method=True)
         self.DeleteUser = channel.unary_unary(
                 '/learnmesh.user.v1.UserService/DeleteUser',
                 request_serializer=learnmesh_dot_user_dot_v1_dot_user__pb2.DeleteUserRequest.SerializeToString,
@@ -122,6 +127,14 @@ class UserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetTier(self, request, context):
+        """Changes a user's subscription tier (billing is outside the mesh: an admin or an
+        operator sets it). Access tokens carry it from the user's next sign-in or refresh.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteUser(self, request, context):
         """Deletes a user's profile (the user themself or an admin).
         """
@@ -177,6 +190,11 @@ def add_UserServiceServicer_to_server(servicer, server):
                     servicer.SetRole,
                     request_deserializer=learnmesh_dot_user_dot_v1_dot_user__pb2.SetRoleRequest.FromString,
                     response_serializer=learnmesh_dot_user_dot_v1_dot_user__pb2.SetRoleResponse.SerializeToString,
+            ),
+            'SetTier': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTier,
+                    request_deserializer=learnmesh_dot_user_dot_v1_dot_user__pb2.SetTierRequest.FromString,
+                    response_serializer=learnmesh_dot_user_dot_v1_dot_user__pb2.SetTierResponse.SerializeToString,
             ),
             'DeleteUser': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteUser,
@@ -335,6 +353,33 @@ class UserService:
             '/learnmesh.user.v1.UserService/SetRole',
             learnmesh_dot_user_dot_v1_dot_user__pb2.SetRoleRequest.SerializeToString,
             learnmesh_dot_user_dot_v1_dot_user__pb2.SetRoleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTier(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/learnmesh.user.v1.UserService/SetTier',
+            learnmesh_dot_user_dot_v1_dot_user__pb2.SetTierRequest.SerializeToString,
+            learnmesh_dot_user_dot_v1_dot_user__pb2.SetTierResponse.FromString,
             options,
             channel_credentials,
             insecure,

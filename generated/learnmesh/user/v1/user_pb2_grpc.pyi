@@ -26,6 +26,10 @@ class UserServiceStub:
     """All users, newest first, for admins."""
     SetRole: _aio.UnaryUnaryMultiCallable[_user_pb2.SetRoleRequest, _user_pb2.SetRoleResponse]
     """Gives a user a role."""
+    SetTier: _aio.UnaryUnaryMultiCallable[_user_pb2.SetTierRequest, _user_pb2.SetTierResponse]
+    """Changes a user's subscription tier (billing is outside the mesh: an admin or an
+    operator sets it). Access tokens carry it from the user's next sign-in or refresh.
+    """
     DeleteUser: _aio.UnaryUnaryMultiCallable[_user_pb2.DeleteUserRequest, _user_pb2.DeleteUserResponse]
     """Deletes a user's profile (the user themself or an admin)."""
     SetAvatar: _aio.UnaryUnaryMultiCallable[_user_pb2.SetAvatarRequest, _user_pb2.SetAvatarResponse]
@@ -72,6 +76,15 @@ class UserServiceServicer:
         context: _aio.ServicerContext[_user_pb2.SetRoleRequest, _abc.Awaitable[_user_pb2.SetRoleResponse]],
     ) -> _abc.Awaitable[_user_pb2.SetRoleResponse]:
         """Gives a user a role."""
+
+    def SetTier(
+        self,
+        request: _user_pb2.SetTierRequest,
+        context: _aio.ServicerContext[_user_pb2.SetTierRequest, _abc.Awaitable[_user_pb2.SetTierResponse]],
+    ) -> _abc.Awaitable[_user_pb2.SetTierResponse]:
+        """Changes a user's subscription tier (billing is outside the mesh: an admin or an
+        operator sets it). Access tokens carry it from the user's next sign-in or refresh.
+        """
 
     def DeleteUser(
         self,
