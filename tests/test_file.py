@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from grpc import aio
-from sqlalchemy import text
 
+from learnmesh import cli
 from learnmesh.auth.v1 import auth_pb2
 from learnmesh.file.v1 import file_pb2
 from learnmesh.user.v1 import user_pb2
@@ -56,11 +56,7 @@ async def user_with_tier(mesh: Mesh, tier: str, name: str = "File User") -> Acco
     email = new_email(tier)
     registered = await mesh.register(email, name=name)
     if tier != "free":
-        async with mesh.runtime.db.transaction() as session:
-            await session.execute(
-                text("UPDATE user_profiles SET tier = :t WHERE id = :i"),
-                {"t": tier, "i": registered.user.id},
-            )
+        await cli.set_tier(mesh.settings, email, tier)  # as `learnmesh users set-tier` does
     login = await mesh.auth.Login(auth_pb2.LoginRequest(email=email, password=PASSWORD))
     return Account(registered.user.id, email, bearer(login.access_token))
 
