@@ -248,9 +248,9 @@ def _promote(settings: config.Settings, args: argparse.Namespace) -> int:
         return 0
     print(
         f"{user.email} (user {user.id}): role {change.old_role} -> {user.role}, recorded in "
-        "user_audit with actor operator. Their next sign-in or token refresh carries it; "
-        f"access tokens issued before keep the old role until they expire (at most "
-        f"{settings.auth.access_token_ttl} s)."
+        "user_audit with actor operator. Their access tokens issued before are refused as "
+        "soon as the change reaches each server (it revokes them); their next sign-in or "
+        "token refresh carries the new role."
     )
     return 0
 
