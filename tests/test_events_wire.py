@@ -267,7 +267,7 @@ async def test_close_stops_consumers_relays_and_the_bus_before_the_database(
     async with mesh_on("sqlite", bus_kind, tmp_path) as mesh:
         work = mesh.server.events
         assert work is not None
-        assert len(work.relays) == 2 and len(work.consumers) == 1  # auth and user; auth's
+        assert len(work.relays) == 2 and len(work.consumers) == 2  # auth and user: both consume
         tasks = [each.task for each in [*work.relays, *work.consumers]]
         await mesh.server.stop(0)
         # Each ended its step and returned: none was cancelled halfway.

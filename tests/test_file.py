@@ -324,6 +324,27 @@ async def test_an_avatar_upload_becomes_the_profile_picture(mesh: Mesh) -> None:
         user_pb2.SetAvatarRequest(file_id=avatar.file.id), metadata=user.metadata
     )
     assert updated.user.avatar_url == f"/api/v1/files/{avatar.file.id}/content"
+    # The avatar file deleted: the profile's avatar goes too (file.deleted).
+    second = await stub.Upload(
+        upload_stream(png_bytes(10_000), purpose=file_pb2.PURPOSE_AVATAR), metadata=user.metadata
+    )
+    await mesh.user.SetAvatar(
+        user_pb2.SetAvatarRequest(file_id=second.file.id), metadata=user.metadata
+    )
+    await stub.DeleteFile(
+        file_pb2.DeleteFileRequest(file_id=avatar.file.id), metadata=user.metadata
+    )  # no longer the avatar: nothing changes
+    await stub.DeleteFile(
+        file_pb2.DeleteFileRequest(file_id=second.file.id), metadata=user.metadata
+    )
+
+    async def cleared() -> bool:
+        me = await mesh.user.GetMe(user_pb2.GetMeRequest(), metadata=user.metadata)
+        return me.user.avatar_url == ""
+
+    await wait_until(cleared)
+    changes = [e.type for e in await outbox_events(mesh, "user", user.user_id)]
+    assert changes.count("user.updated") == 3  # two avatars set, one cleared
     pro = await user_with_tier(mesh, "pro")
     material = await stub.Upload(upload_stream(png_bytes(10_000)), metadata=pro.metadata)
     err = await refused(

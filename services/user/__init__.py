@@ -1,14 +1,15 @@
-"""The user service: profiles, preferences, roles (learnmesh.user.v1.UserService)."""
+"""The user service: profiles, preferences, roles, tiers (learnmesh.user.v1.UserService)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from learnmesh.service import ServiceDefinition
 from learnmesh.user.v1 import user_pb2_grpc
 
 if TYPE_CHECKING:
+    from learnmesh.eventing.handlers import Handlers
     from learnmesh.service import Runtime
     from services.user.servicer import UserServicer
 
@@ -26,6 +27,12 @@ async def create(runtime: Runtime) -> UserServicer:
     return UserServicer(Profiles(runtime.db, PageTokens(key)), runtime.clients)
 
 
+def _consumes(_servicer: Any) -> Handlers:
+    from services.user import file_events
+
+    return file_events.consumed()
+
+
 SERVICE = ServiceDefinition(
     name="user",
     full_name="learnmesh.user.v1.UserService",
@@ -34,4 +41,5 @@ SERVICE = ServiceDefinition(
     migrations=Path(__file__).parent / "migrations",
     audit_table="user_audit",
     event_tables="user",
+    consumes=_consumes,
 )

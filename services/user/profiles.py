@@ -203,6 +203,24 @@ def _resume(position: list[object]) -> tuple[datetime, str]:
         raise refused from None
 
 
+def avatar_url_of(file_id: str) -> str:
+    """A profile's avatar_url: the avatar file's download route on the web bridge."""
+    return f"/api/v1/files/{file_id}/content"
+
+
+async def forget_avatar(session: AsyncSession, owner_id: str, file_id: str) -> bool:
+    """Clears the avatar of ``owner_id`` if it is the deleted file ``file_id`` (in the
+    consumer's transaction of ``file.deleted``); True when it was."""
+    row = await store.get(session, owner_id, for_update=True)
+    if row is None or row.avatar_url != avatar_url_of(file_id):
+        return False
+    row.avatar_url = ""
+    row.updated_at = utcnow()
+    await session.flush()
+    await _emit_updated(session, owner_id, ["avatar_url"])
+    return True
+
+
 async def _emit_updated(session: AsyncSession, user_id: str, changed: list[str]) -> None:
     """``user.updated`` naming the changed fields of learnmesh.user.v1.User."""
     updated = events_pb2.UserUpdated(user_id=user_id, changed_fields=changed)
@@ -525,7 +543,7 @@ class Profiles:
             row = await store.get(session, user_id, for_update=True)
             if row is None:
                 raise NotFound(f"no user {user_id}")
-            avatar_url = f"/api/v1/files/{file_id}/content"
+            avatar_url = avatar_url_of(file_id)
             changed = row.avatar_url != avatar_url
             row.avatar_url = avatar_url
             row.updated_at = utcnow()
