@@ -1,6 +1,6 @@
 """Measures the CourseService with a seeded catalogue of 100,000 courses on PostgreSQL.
 
-    python -m benchmarks.course [--courses 100000] [--samples 300] [--rounds 5]
+    python -m benchmarks.course [--courses 100000] [--samples 300] [--rounds 10]
 
 The service runs as an operator runs it: its own process (``benchmarks.servers
 full-course``: the product's chain in front of the real auth, user and course services)
@@ -57,9 +57,18 @@ TARGET_GET_RATIO = 0.5  # GetCourse on the full chain against the bare server
 ORDERS = ("", "title", "enrollment_count desc")
 # One and two words; the match counts are printed and reported (a few hundred to thousands).
 SEARCHES = ("watercolor", "python", "sourdough bread", "data visualization")
+# A word in about one course in eight, measured apart from the target's mix: ranking
+# orders every match, so this shows where search time grows with the match count.
+BROAD_SEARCH = "projects"
 LIST_PROBE = ("/learnmesh.course.v1.CourseService/ListCourses", course_pb2.ListCoursesRequest())
 
 # --- the catalogue: varied titles and descriptions from a few hundred words ---
+
+
+def _words(text: str, sep: str | None = None) -> list[str]:
+    """Word lists written as text (long lists read better so)."""
+    return text.split(sep)
+
 
 # Category -> its subject words, most common first (drawn with Zipf-like weights).
 SUBJECTS = {
@@ -100,25 +109,26 @@ SUBJECTS = {
     "campaigns funnels newsletters video podcasts influencers retention pricing surveys "
     "personas community events sponsorship affiliates landing pages",
 }
-MODIFIERS = (
+MODIFIERS = _words(
     "Practical Modern Complete Essential Applied Hands-on Advanced Beginner's Intermediate "
     "Creative Professional Effective Fast Fundamental Mastering Everyday Deep Gentle Bold "
     "Simple Confident Real-World Serious Playful Focused Productive Weekend Thirty-Day"
-).split()
-GOALS = (
+)
+GOALS = _words(
     "from Scratch|in Practice|for Beginners|for Professionals|Step by Step|Made Simple|"
     "the Right Way|in Depth|for Busy People|Bootcamp|Masterclass|Workshop|Crash Course|"
-    "Fundamentals|Essentials|Projects|Deep Dive|Explained|Toolkit|Field Guide"
-).split("|")
-VERBS = (
+    "Fundamentals|Essentials|Projects|Deep Dive|Explained|Toolkit|Field Guide",
+    "|",
+)
+VERBS = _words(
     "build understand practise master explore design plan measure improve review compare "
     "combine sketch shape test ship refine organise teach present analyse"
-).split()
-NOUNS = (
+)
+NOUNS = _words(
     "projects exercises quizzes examples habits techniques patterns tools routines "
     "assignments case studies challenges worksheets checklists demonstrations recipes "
     "sessions drills templates critiques"
-).split()
+)
 SENTENCES = (
     "Learn {a} and {b} through {n} hands-on {x}.",
     "This {level} course covers {a}, {b} and {c}, with {x} you can reuse at work.",
@@ -128,15 +138,15 @@ SENTENCES = (
     "Short videos, {x} and honest feedback help you {v} {b} without the usual frustration.",
     "Ideal if you already know some {a} and want to {w} {c} properly.",
 )
-FIRST = (
+FIRST = _words(
     "Ada Grace Alan Edsger Barbara Donald Margaret Linus Guido Ken Dennis Frances Radia "
     "Hedy Katherine Tim Sophie Ines Mateo Amara Kenji Priya Lars Olu Zofia Chen"
-).split()
-LAST = (
+)
+LAST = _words(
     "Lovelace Hopper Turing Dijkstra Liskov Knuth Hamilton Torvalds Rossum Thompson Ritchie "
     "Allen Perlman Lamarr Johnson Berners-Lee Wilson Moreau Silva Okafor Tanaka Sharma "
     "Nilsson Adeyemi Nowak Wei"
-).split()
+)
 LEVELS = ("beginner", "intermediate", "advanced")
 COLUMNS = (
     "id",
@@ -317,15 +327,17 @@ class Latency:
         return self.quantile(99)
 
 
-async def timed(call: Callable[[], Awaitable[Any]], samples: int, warmup: int) -> Latency:
-    """``samples`` sequential calls after ``warmup`` untimed ones; any non-OK status
-    raises (grpc.RpcError), so every timed call was answered OK."""
+async def timed(
+    call: Callable[..., Awaitable[Any]], request: Any, samples: int, warmup: int
+) -> Latency:
+    """``samples`` sequential calls of the same request after ``warmup`` untimed ones; any
+    non-OK status raises (grpc.RpcError), so every timed call was answered OK."""
     for _ in range(warmup):
-        await call()
+        await call(request, timeout=10)
     found = []
     for _ in range(samples):
         began = time.perf_counter()
-        await call()
+        await call(request, timeout=10)
         found.append((time.perf_counter() - began) * 1000)
     return Latency(found)
 
@@ -362,25 +374,19 @@ async def latencies(address: str, samples: int, warmup: int) -> Latencies:
         await check_names(stub)
         for order_by in ORDERS:
             first = course_pb2.ListCoursesRequest(page_size=PAGE_SIZE, order_by=order_by)
-            found[f"first {order_by}"] = await timed(
-                lambda r=first: stub.ListCourses(r, timeout=10), samples, warmup
-            )
+            found[f"first {order_by}"] = await timed(stub.ListCourses, first, samples, warmup)
             deep = course_pb2.ListCoursesRequest(
                 page_size=PAGE_SIZE, order_by=order_by, page_token=await deep_token(stub, order_by)
             )
-            found[f"deep {order_by}"] = await timed(
-                lambda r=deep: stub.ListCourses(r, timeout=10), samples, warmup
-            )
+            found[f"deep {order_by}"] = await timed(stub.ListCourses, deep, samples, warmup)
             print(
                 f"order {order_by or 'default'!r}: page 1 p50 {found[f'first {order_by}'].p50:.1f}"
                 f" ms, page {DEEP_PAGE} p50 {found[f'deep {order_by}'].p50:.1f} ms",
                 flush=True,
             )
-        for words in SEARCHES:
+        for words in (*SEARCHES, BROAD_SEARCH):
             request = course_pb2.ListCoursesRequest(page_size=PAGE_SIZE, search=words)
-            found[f"search {words}"] = await timed(
-                lambda r=request: stub.ListCourses(r, timeout=10), samples, warmup
-            )
+            found[f"search {words}"] = await timed(stub.ListCourses, request, samples, warmup)
             print(f"search {words!r}: p99 {found[f'search {words}'].p99:.1f} ms", flush=True)
     return found
 
@@ -399,9 +405,7 @@ async def some_course(address: str) -> str:
 Pairs = list[tuple[float, float]]  # (full-course calls/s, bare calls/s) per round
 
 
-def throughput(
-    env: dict[str, str], course_id: str, load: h2load.Load, rounds: int
-) -> tuple[Pairs, str]:
+def throughput(env: dict[str, str], course_id: str, load: h2load.Load, rounds: int) -> Pairs:
     """Each round starts both servers afresh and measures GetCourse on each, right next
     to each other, the order flipped every other round (as benchmarks.run does)."""
     target = (
@@ -419,7 +423,7 @@ def throughput(
             f"bare {rates['bare']:,.0f}/s",
             flush=True,
         )
-    return pairs, course_id
+    return pairs
 
 
 # --- the report ---
@@ -451,9 +455,7 @@ def report(
         label = f"order_by {order_by!r}" if order_by else "default order (newest first)"
         first, deep = found[f"first {order_by}"], found[f"deep {order_by}"]
         lines.append(f"| ListCourses page 1, {label} | {first.p50:.1f} | {first.p99:.1f} |")
-        lines.append(
-            f"| ListCourses page {DEEP_PAGE}, {label} | {deep.p50:.1f} | {deep.p99:.1f} |"
-        )
+        lines.append(f"| ListCourses page {DEEP_PAGE}, {label} | {deep.p50:.1f} | {deep.p99:.1f} |")
     searched = [found[f"search {w}"] for w in SEARCHES]
     for words, latency in zip(SEARCHES, searched, strict=True):
         lines.append(
@@ -461,7 +463,12 @@ def report(
             f"| {latency.p99:.1f} |"
         )
     every = Latency([s for latency in searched for s in latency.samples])
-    lines.append(f"| all searches | {every.p50:.1f} | {every.p99:.1f} |")
+    lines.append(f"| all four searches above | {every.p50:.1f} | {every.p99:.1f} |")
+    broad = found[f"search {BROAD_SEARCH}"]
+    lines.append(
+        f"| search {BROAD_SEARCH!r} ({counts[BROAD_SEARCH]:,} matches; not in the target's mix) "
+        f"| {broad.p50:.1f} | {broad.p99:.1f} |"
+    )
     ratios = [full / bare for full, bare in pairs]
     ratio = statistics.median(ratios)
     spread = "-"
@@ -493,8 +500,8 @@ def report(
             f"| {held(far.p50 / one.p50 <= TARGET_DEEP_RATIO)} |"
         )
     lines.append(
-        f"| search p99 under {TARGET_SEARCH_P99_MS:.0f} ms (all searches) | {every.p99:.1f} ms "
-        f"| {held(every.p99 < TARGET_SEARCH_P99_MS)} |"
+        f"| search p99 under {TARGET_SEARCH_P99_MS:.0f} ms (the four searches) "
+        f"| {every.p99:.1f} ms | {held(every.p99 < TARGET_SEARCH_P99_MS)} |"
     )
     lines.append(
         f"| GetCourse on the full chain >= {TARGET_GET_RATIO}x the bare server | {ratio:.2f}x "
@@ -509,7 +516,7 @@ def main() -> None:
     parser.add_argument("--instructors", type=int, default=40)
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=30)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--no-write", action="store_true", help="print the figures only")
     args = parser.parse_args()
@@ -525,11 +532,11 @@ def main() -> None:
             asyncio.run(seed(url, rows))
             seeding = time.monotonic() - began
             print(f"seeded {len(rows):,} courses in {seeding:.1f} s", flush=True)
-            counts = {w: asyncio.run(matches(url, w)) for w in SEARCHES}
+            counts = {w: asyncio.run(matches(url, w)) for w in (*SEARCHES, BROAD_SEARCH)}
             print(f"matches: {counts}", flush=True)
             found = asyncio.run(latencies(address, args.samples, args.warmup))
             course_id = asyncio.run(some_course(address))
-        pairs, _ = throughput(env, course_id, load, args.rounds)
+        pairs = throughput(env, course_id, load, args.rounds)
     text = report(found, counts, pairs, load, args.courses, args.instructors, seeding)
     print(text)
     if not args.no_write:
