@@ -126,7 +126,7 @@ VERBS = _words(
 )
 NOUNS = _words(
     "projects exercises quizzes examples habits techniques patterns tools routines "
-    "assignments case studies challenges worksheets checklists demonstrations recipes "
+    "assignments walkthroughs challenges worksheets checklists demonstrations recipes "
     "sessions drills templates critiques"
 )
 SENTENCES = (
@@ -169,6 +169,16 @@ def _zipf(words: list[str]) -> list[float]:
     return [1 / (rank + 1) for rank in range(len(words))]
 
 
+def _distinct(rng: random.Random, words: list[str], weights: list[float], k: int) -> list[str]:
+    """``k`` different words, drawn by weight (no title says "Drawing and Drawing")."""
+    found: list[str] = []
+    while len(found) < k:
+        word = rng.choices(words, weights)[0]
+        if word not in found:
+            found.append(word)
+    return found
+
+
 def catalogue(count: int, instructors: list[str], seed: int = 10) -> Iterator[tuple[Any, ...]]:
     """``count`` course rows in COLUMNS' order, the same for the same seed: one of the
     categories each, words of it drawn most-common-first, created over three years."""
@@ -180,7 +190,7 @@ def catalogue(count: int, instructors: list[str], seed: int = 10) -> Iterator[tu
     weights = {c: _zipf(words[c]) for c in categories}
     for _ in range(count):
         category = rng.choice(categories)
-        a, b, c, d = rng.choices(words[category], weights[category], k=4)
+        a, b, c, d = _distinct(rng, words[category], weights[category], 4)
         form = rng.randrange(4)
         if form == 0:
             title = f"{rng.choice(MODIFIERS)} {a.title()} {rng.choice(GOALS)}"
