@@ -179,11 +179,14 @@ def _distinct(rng: random.Random, words: list[str], weights: list[float], k: int
     return found
 
 
-def catalogue(count: int, instructors: list[str], seed: int = 10) -> Iterator[tuple[Any, ...]]:
+def catalogue(
+    count: int, instructors: list[str], seed: int = 10, now: datetime | None = None
+) -> Iterator[tuple[Any, ...]]:
     """``count`` course rows in COLUMNS' order, the same for the same seed: one of the
-    categories each, words of it drawn most-common-first, created over three years."""
+    categories each, words of it drawn most-common-first, created over the three years
+    before ``now``."""
     rng = random.Random(seed)
-    now = datetime.now(UTC)
+    now = datetime.now(UTC) if now is None else now
     span = timedelta(days=3 * 365)
     categories = list(SUBJECTS)
     words = {c: SUBJECTS[c].split() for c in categories}
