@@ -67,8 +67,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def servers(configs: tuple[str, ...]) -> Iterator[dict[str, str]]:
-    """Runs each configuration in its own process; yields their addresses once all answer."""
+def servers(
+    configs: tuple[str, ...],
+    env: dict[str, str] | None = None,
+    probe: tuple[str, object] = PUBLIC,
+) -> Iterator[dict[str, str]]:
+    """Runs each configuration in its own process (``env`` added to this one's); yields
+    their addresses once all answer ``probe`` with OK."""
     procs: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}
     try:
         for config in configs:
@@ -80,14 +85,14 @@ def servers(configs: tuple[str, ...]) -> Iterator[dict[str, str]]:
                     cwd=ROOT,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
-                    env={**os.environ, "GRPC_VERBOSITY": "ERROR"},
+                    env={**os.environ, "GRPC_VERBOSITY": "ERROR", **(env or {})},
                 ),
             )
         deadline = time.monotonic() + 60
         for config, (address, proc) in procs.items():
             while True:
                 try:
-                    asyncio.run(_call(address, PUBLIC, ()))
+                    asyncio.run(_call(address, probe, ()))
                     break
                 except grpc.RpcError:
                     if time.monotonic() > deadline or proc.poll() is not None:

@@ -10,6 +10,10 @@ what sits in front of the handler:
   parent-based sampling, metrics and the JSON access log on. Plaintext, since h2load
   cannot present a client certificate, so the mTLS identity link has nothing to read;
 - ``full-console``: the same, with sampled spans exported by the console exporter;
+- ``full-course``: the same chain in front of the real CourseService (and the real auth
+  and user services, which give instructors' names through BatchGetUsers) on the
+  PostgreSQL database named by ``LEARNMESH_BENCH_COURSE_DATABASE_URL``: what
+  ``benchmarks.course`` measures with real data;
 - ``chain``: the bare server with the product's chain holding no link: methods are served
   through the generic handlers the chain registers (``interceptors.chain.ChainedServer``)
   rather than grpc's registered-method tables, which alone changes the rate a little;
@@ -33,8 +37,16 @@ from grpc import aio
 
 from learnmesh.course.v1 import course_pb2, course_pb2_grpc
 
-CONFIGS = ("bare", "chain", "full", "full-console", "tracing100", "tracing10")
-SAMPLING = {"full": "0.1", "full-console": "0.1", "tracing10": "0.1", "tracing100": "1.0"}
+CONFIGS = ("bare", "chain", "full", "full-console", "full-course", "tracing100", "tracing10")
+SAMPLING = {
+    "full": "0.1",
+    "full-console": "0.1",
+    "full-course": "0.1",
+    "tracing10": "0.1",
+    "tracing100": "1.0",
+}
+# full-course: where its services keep their tables (a scratch database of the benchmark's).
+COURSE_DATABASE_ENV = "LEARNMESH_BENCH_COURSE_DATABASE_URL"
 
 
 class BenchCourses(course_pb2_grpc.CourseServiceServicer):
@@ -75,14 +87,22 @@ async def _bare(port: int, links: list[Any] | None) -> aio.Server:
     return server
 
 
-async def _full(port: int) -> Any:
+async def _full(port: int, real_courses: bool = False) -> Any:
+    """The product's server and chain; with ``real_courses``, the real CourseService on
+    the database of COURSE_DATABASE_ENV instead of the trivial handlers."""
     from learnmesh import config
     from learnmesh.kernel.logs import setup_logging
     from learnmesh.server import build_runtime, start_server
     from learnmesh.service import ServiceDefinition, definition
 
     access_log = True
-    base = config.load(env={})
+    env = {}
+    if real_courses:
+        url = os.environ.get(COURSE_DATABASE_ENV, "")
+        if not url:
+            raise SystemExit(f"full-course needs {COURSE_DATABASE_ENV}")
+        env["LEARNMESH_DATABASE_URL"] = url  # checked and given its driver by config.load
+    base = config.load(env=env)
     limits: dict[str, Any] = {
         f.name: 10**9
         for f in dataclasses.fields(base.limits)
@@ -104,6 +124,8 @@ async def _full(port: int) -> Any:
         create=lambda _runtime: _async(BenchCourses()),
         migrations=None,
     )
+    if real_courses:
+        courses = definition("course")
     runtime, _ = build_runtime(settings, "bench")
     return await start_server(
         runtime, [definition("auth"), definition("user"), courses], host="127.0.0.1", port=port
@@ -122,7 +144,7 @@ async def main() -> None:
     if args.config in SAMPLING:
         _tracing(args.config)
     if args.config.startswith("full"):
-        server = await _full(args.port)
+        server = await _full(args.port, real_courses=args.config == "full-course")
         stop = server.stop
     else:
         links: list[Any] | None = None
