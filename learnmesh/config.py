@@ -310,6 +310,9 @@ class CourseSettings:
     instructor_ttl: float = field(default=10.0, metadata=_check(_positive_float))
     # Seconds a read waits for the user service before answering with the last known names.
     user_timeout: float = field(default=2.0, metadata=_check(_positive_float))
+    # Seconds a GetCourse answer is reused by the process that made it (its own writes drop
+    # it at once; other replicas' show within this); 0 turns the cache off.
+    read_cache_ttl: float = 1.0
 
 
 def _file_store_url(value: str) -> str:

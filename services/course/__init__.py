@@ -32,13 +32,21 @@ async def create(runtime: Runtime) -> CourseServicer:
     from services.course.catalogue import Catalogue
     from services.course.enrolment import Enrolment
     from services.course.instructors import Instructors
+    from services.course.read_cache import ReadCache
     from services.course.servicer import CourseServicer
 
     async with runtime.db.transaction() as session:
         key = await shared_secret(session, store.course_secrets, PAGE_TOKENS)
-    instructors = Instructors(runtime.db, runtime.clients, runtime.settings.course)
-    catalogue = Catalogue(runtime.db, instructors, PageTokens(key), PageTokens(key))
-    return CourseServicer(catalogue, Enrolment(runtime.db), user_events.consumed(instructors))
+    settings = runtime.settings.course
+    instructors = Instructors(runtime.db, runtime.clients, settings)
+    recent: ReadCache[Any] = ReadCache(settings.read_cache_ttl)
+    catalogue = Catalogue(runtime.db, instructors, PageTokens(key), PageTokens(key), recent)
+    return CourseServicer(
+        catalogue,
+        Enrolment(runtime.db, recent),
+        user_events.consumed(instructors, recent),
+        recent,
+    )
 
 
 def _owner_resolvers(servicer: Any) -> Mapping[str, Callable[[Any], Awaitable[str | None]]]:

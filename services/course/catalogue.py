@@ -24,6 +24,7 @@ from learnmesh.kernel.principal import Principal
 from learnmesh.page_tokens import PageTokens
 from services.course import store
 from services.course.instructors import Instructor, Instructors, Wanted
+from services.course.read_cache import ReadCache
 
 LEVELS = ("beginner", "intermediate", "advanced")
 DEFAULT_PAGE_SIZE = 20
@@ -197,9 +198,16 @@ class Catalogue:
     """The rules of courses and lessons over the store."""
 
     def __init__(
-        self, db: Database, instructors: Instructors, courses: PageTokens, lessons: PageTokens
+        self,
+        db: Database,
+        instructors: Instructors,
+        courses: PageTokens,
+        lessons: PageTokens,
+        recent: ReadCache[Any],
     ) -> None:
         self.db = db
+        # GetCourse's recent answers (kept by the servicer): a write here drops its course's.
+        self.recent = recent
         self.instructors = instructors
         self.course_tokens = courses
         self.lesson_tokens = lessons
@@ -347,6 +355,7 @@ class Catalogue:
             row.updated_at = utcnow()
             await session.flush()
             listed = await store.with_instructor(session, course_id)
+        self.recent.forget(course_id)
         assert listed is not None
         return (await self._with_instructors([listed]))[0]
 
@@ -390,6 +399,7 @@ class Catalogue:
                 actor=actor,
                 students=row.enrollment_count,
             )
+        self.recent.forget(course_id)
 
     async def create_lesson(
         self, course_id: str, title: str, content: str, duration_minutes: int
@@ -414,7 +424,8 @@ class Catalogue:
             )
             await store.add(session, row)
             course.updated_at = row.created_at
-            return Lesson.of(row)
+        self.recent.forget(course_id)
+        return Lesson.of(row)
 
     async def lessons(
         self, course_id: str, *, page_size: int | None, page_token: str, viewer: Principal | None

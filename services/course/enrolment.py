@@ -12,12 +12,14 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from learnmesh.db import Database, utcnow
 from learnmesh.eventing.outbox import emit
 from learnmesh.events.v1 import events_pb2
 from learnmesh.kernel.errors import FailedPrecondition, NotFound
 from services.course import store
+from services.course.read_cache import ReadCache
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,10 @@ def _not_enrolled(course_id: str) -> FailedPrecondition:
 
 
 class Enrolment:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, recent: ReadCache[Any]) -> None:
         self.db = db
+        # GetCourse's recent answers: an enrolment changes its course's count.
+        self.recent = recent
 
     async def enroll(self, course_id: str, user_id: str) -> Enrolled:
         """Enrols the user; if they already are, the same enrolment, unchanged."""
@@ -80,7 +84,8 @@ class Enrolment:
                 enrollment_id=row.id, course_id=course_id, user_id=user_id
             )
             await emit(session, store.events.outbox, "enrollment.created", course_id, created)
-            return Enrolled(row.id, row.enrolled_at)
+        self.recent.forget(course_id)
+        return Enrolled(row.id, row.enrolled_at)
 
     async def complete(self, course_id: str, lesson_id: str, user_id: str) -> Progress:
         """Marks the lesson completed (once) and answers the progress after it."""

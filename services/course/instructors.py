@@ -74,7 +74,8 @@ class Instructors:
         """Asks the user service again next time (this process; others see refresh_due)."""
         self._recent.pop(user_id, None)
 
-    def _connected(self) -> bool:
+    def connected(self) -> bool:
+        """Whether the channel to the user service is up (no call made to find out)."""
         state = self.clients.channel("user").get_state(try_to_connect=False)
         return state == grpc.ChannelConnectivity.READY
 
@@ -84,7 +85,7 @@ class Instructors:
         found: dict[str, Instructor] = {}
         due: list[Wanted] = []
         now = self.clock()
-        connected = self._connected() if by_id else False
+        connected = self.connected() if by_id else False
         for w in by_id.values():
             recent = self._recent.get(w.id)
             if (

@@ -9,6 +9,8 @@ redelivered event changes nothing the second time.
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from learnmesh import audit
@@ -17,12 +19,13 @@ from learnmesh.eventing.handlers import Handlers
 from learnmesh.events.v1 import events_pb2
 from services.course import store
 from services.course.instructors import Instructors
+from services.course.read_cache import ReadCache
 
 # The course service's consumer group, shared by its replicas.
 GROUP = "course"
 
 
-def consumed(instructors: Instructors) -> Handlers:
+def consumed(instructors: Instructors, recent: ReadCache[Any]) -> Handlers:
     handlers = Handlers(GROUP)
 
     @handlers.on("user.updated", events_pb2.UserUpdated)
@@ -32,6 +35,7 @@ def consumed(instructors: Instructors) -> Handlers:
         if "display_name" in data.changed_fields:
             await store.mark_refresh_due(session, data.user_id)
             instructors.forget(data.user_id)
+            recent.clear()
 
     @handlers.on("user.deleted", events_pb2.UserDeleted)
     async def on_user_deleted(
@@ -39,6 +43,7 @@ def consumed(instructors: Instructors) -> Handlers:
     ) -> None:
         archived = await store.archive_taught_by(session, data.user_id, utcnow())
         left = await store.forget_student(session, data.user_id)
+        recent.clear()  # courses archived, counts lowered
         await audit.record(
             session,
             store.course_audit,
