@@ -23,10 +23,10 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    Select,
     String,
     Text,
     UniqueConstraint,
-    case,
     column,
     delete,
     func,
@@ -262,6 +262,42 @@ def _matching(session: AsyncSession, words: str, *, title_only: bool) -> ColumnE
     return CourseRow.seq.in_(hits)
 
 
+# A SELECT of any columns (SQLAlchemy 2.1 types a Select by the tuple of its columns).
+AnySelect = Select[*tuple[Any, ...]]
+
+
+def _catalogue(session: AsyncSession, tier: int, category_key: str, level: str) -> AnySelect:
+    query: AnySelect = (
+        select(
+            CourseRow,
+            InstructorRow.display_name,
+            InstructorRow.refresh_due,
+            literal(tier).label("tier"),
+        )
+        .outerjoin(InstructorRow, InstructorRow.user_id == CourseRow.instructor_id)
+        .where(CourseRow.archived_at.is_(None))
+    )
+    if category_key:
+        query = query.where(CourseRow.category_key == category_key)
+    if level:
+        query = query.where(CourseRow.level == level)
+    return query
+
+
+async def _keyset(
+    session: AsyncSession, query: AnySelect, ordering: str, limit: int, after: Any
+) -> list[Listed]:
+    """``query`` in ``ordering`` (without its tier), strictly after ``after``."""
+    names, descending = ORDERINGS[ordering]
+    keys = [getattr(CourseRow, name) for name in names if name != "tier"]
+    if after is not None:
+        resume = tuple_(*keys) < tuple_(*after) if descending else tuple_(*keys) > tuple_(*after)
+        query = query.where(resume)
+    query = query.order_by(*[k.desc() if descending else k.asc() for k in keys]).limit(limit)
+    rows = (await session.execute(query)).all()
+    return [Listed(r[0], r[1], bool(r[2]), int(r[3])) for r in rows]
+
+
 async def page(
     session: AsyncSession,
     *,
@@ -275,37 +311,33 @@ async def page(
     """Up to ``limit`` catalogue courses in ``ordering``, strictly after ``after`` (the
     last row's sort key values): a keyset query, never OFFSET, so rows inserted meanwhile
     neither shift nor repeat a page. ``words``: only courses holding all of them (an empty
-    string matches nothing), with ``tier`` 2 for those holding them in the title."""
-    if words is not None:
-        tier: ColumnElement[int] = case((_matching(session, words, title_only=True), 2), else_=1)
-    else:
-        tier = literal(1)
-    query = (
-        select(
-            CourseRow,
-            InstructorRow.display_name,
-            InstructorRow.refresh_due,
-            tier.label("tier"),
+    string matches nothing), with ``tier`` 2 for those holding them in the title.
+
+    By relevance, each tier is a keyset query of its own (title matches, then the rest,
+    each newest first) and the second runs only when the first did not fill the page: each
+    can walk the created_at index, where one query ordered by tier would sort every match.
+    """
+    if words == "":
+        return []
+    if words is None:
+        return await _keyset(
+            session, _catalogue(session, 1, category_key, level), ordering, limit, after
         )
-        .outerjoin(InstructorRow, InstructorRow.user_id == CourseRow.instructor_id)
-        .where(CourseRow.archived_at.is_(None))
-    )
-    if words is not None:
-        if not words:
-            return []
-        query = query.where(_matching(session, words, title_only=False))
-    if category_key:
-        query = query.where(CourseRow.category_key == category_key)
-    if level:
-        query = query.where(CourseRow.level == level)
-    names, descending = ORDERINGS[ordering]
-    keys = [tier if name == "tier" else getattr(CourseRow, name) for name in names]
-    if after is not None:
-        resume = tuple_(*keys) < tuple_(*after) if descending else tuple_(*keys) > tuple_(*after)
-        query = query.where(resume)
-    query = query.order_by(*[k.desc() if descending else k.asc() for k in keys]).limit(limit)
-    rows = (await session.execute(query)).all()
-    return [Listed(r[0], r[1], bool(r[2]), int(r[3])) for r in rows]
+    matching = _matching(session, words, title_only=False)
+    in_title = _matching(session, words, title_only=True)
+    if ordering != "relevance":
+        query = _catalogue(session, 1, category_key, level).where(matching)
+        return await _keyset(session, query, ordering, limit, after)
+    after_tier, rest = (after[0], list(after[1:])) if after is not None else (2, None)
+    found: list[Listed] = []
+    if after_tier >= 2:
+        titled = _catalogue(session, 2, category_key, level).where(matching, in_title)
+        found = await _keyset(session, titled, ordering, limit, rest if after_tier == 2 else None)
+        rest = None
+    if len(found) < limit:
+        described = _catalogue(session, 1, category_key, level).where(matching, ~in_title)
+        found += await _keyset(session, described, ordering, limit - len(found), rest)
+    return found
 
 
 async def with_instructor(session: AsyncSession, course_id: str) -> Listed | None:
